@@ -1,0 +1,119 @@
+"""Checkpoints in Hugging Face's layout: config.json + model.safetensors (+ tokenizer.json, report.json).
+
+`transformers.LlamaForCausalLM.from_pretrained(dir)` loads them unchanged, and any local Llama checkpoint of that
+layout (sharded or not, any float dtype) loads here. Only safetensors and JSON are read: never a pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from .errors import SPJError
+from .model import SPJConfig, Transformer
+from .outputs import read_json, write_json
+from .tokenizer import check_matches_model, load_tokenizer
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def hf_name(name: str) -> str:
+    """Our parameter name → Hugging Face's (`layers.0.mlp.up_proj.weight` → `model.layers.0.mlp.up_proj.weight`)."""
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def save_checkpoint(directory: Path, model: Transformer, tokenizer: Tokenizer | None, report: dict | None = None):
+    """Write into an existing (staged) directory; the caller makes the directory appear atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json(directory / "config.json", model.config.to_hf_dict())
+    # Tied embeddings are stored once, as Hugging Face does; .contiguous() because safetensors refuses views.
+    tensors = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save(str(directory / "tokenizer.json"))
+    if report is not None:
+        write_json(directory / "report.json", report)
+
+
+def load_config(directory: Path) -> SPJConfig:
+    if not directory.exists():
+        raise SPJError(f"{directory}: no such checkpoint directory")
+    if not directory.is_dir():
+        raise SPJError(f"{directory}: expected a checkpoint directory (config.json + model.safetensors), found a file")
+    return SPJConfig.from_hf_dict(read_json(directory / "config.json"), source=str(directory / "config.json"))
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    if (directory / WEIGHTS_INDEX).is_file():
+        shards = sorted(set(read_json(directory / WEIGHTS_INDEX).get("weight_map", {}).values()))
+        if not shards:
+            raise SPJError(f"{directory / WEIGHTS_INDEX}: empty weight_map")
+        return [directory / s for s in shards]
+    pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
+    hint = f" ({', '.join(pickles)} are pickles, which are never loaded)" if pickles else ""
+    raise SPJError(f"{directory}: no {WEIGHTS}{hint}")
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in _weight_files(directory):
+        if not path.is_file():
+            raise SPJError(f"{path}: missing weight shard")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise SPJError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from None
+    return tensors
+
+
+def load_model(directory: str | Path) -> Transformer:
+    directory = Path(directory)
+    config = load_config(directory)
+    tensors = read_state_dict(directory)
+    model = Transformer(config)
+    expected = {hf_name(k): v for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:  # some exporters store the tied head twice
+        tensors.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise SPJError(f"{directory}: weights do not match config.json ({detail})")
+    state = {}
+    for name, param in model.state_dict().items():
+        tensor = tensors[hf_name(name)]
+        if tensor.shape != param.shape:
+            raise SPJError(f"{directory}: {hf_name(name)} has shape {list(tensor.shape)}, config.json implies "
+                           f"{list(param.shape)}")
+        state[name] = tensor.float()
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def load_checkpoint(directory: str | Path) -> tuple[Transformer, Tokenizer]:
+    """The model and its tokenizer, checked against each other."""
+    directory = Path(directory)
+    model = load_model(directory)
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    check_matches_model(tokenizer, model.config.vocab_size, str(directory / "tokenizer.json"))
+    return model, tokenizer
+
+
+def checkpoint_sha256(directory: str | Path) -> str:
+    """A hash of the weights and config, recorded by later stages to name their source."""
+    directory = Path(directory)
+    digest = hashlib.sha256()
+    for path in [directory / "config.json", *_weight_files(directory)]:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+

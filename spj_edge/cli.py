@@ -1,0 +1,132 @@
+"""`spj-edge VERB ...`: argument parsing only; each verb calls one library function."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EXIT_USAGE, SPJError
+
+
+def cmd_tokenizer(args):
+    from .tokenizer import build_tokenizer
+
+    build_tokenizer(args.data, args.vocab_size, Path(args.out), overwrite=args.overwrite)
+
+
+def cmd_train(args):
+    from .model import load_preset
+    from .train import TrainOptions, train
+
+    opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
+    train(load_preset(args.preset), args.data, args.out, opts, tokenizer=args.tokenizer, val_data=args.val_data,
+          resume=args.resume, overwrite=args.overwrite)
+
+
+def cmd_generate(args):
+    from .generate import generate_text
+
+    generate_text(args.model, args.prompt, args.max_new_tokens, sampling_params(args), args.ignore_eos, sys.stdout)
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(data=args.data, out=Path(args.out), quick=args.quick)
+
+
+def sampling_params(args):
+    from .sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+
+TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip", "precision",
+               "seed", "eval_every", "eval_windows", "save_every", "val_fraction", "compile")
+
+
+def add_training_flags(p: argparse.ArgumentParser):
+    from .train import PRECISIONS, TrainOptions
+
+    d = TrainOptions()
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or directories (recursive)")
+    p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text (default: a seeded split of --data)")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch and process")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto: bf16 where the CPU or GPU has it, fp16 on older GPUs, else fp32")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows per evaluation")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: slow start, faster steps")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def add_sampling_flags(p: argparse.ArgumentParser):
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spj-edge", description=__doc__.splitlines()[0].strip("`: "))
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--out", default="runs/tokenizer.json")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_tokenizer)
+
+    p = verbs.add_parser("train", help="train a model from scratch (also under torchrun)")
+    p.add_argument("--preset", default="teacher", help="a preset name or JSON file (models/*.json)")
+    p.add_argument("--tokenizer", help="tokenizer.json to use (default: train one on --data)")
+    p.add_argument("--out", default="runs/teacher")
+    add_training_flags(p)
+    p.set_defaults(run=cmd_train)
+
+    p = verbs.add_parser("generate", help="generate text with a checkpoint in PyTorch (the reference)")
+    p.add_argument("--model", default="runs/teacher", help="checkpoint directory")
+    p.add_argument("--prompt", required=True)
+    add_sampling_flags(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
+    p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a couple of minutes")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SPJError as e:
+        print(f"spj-edge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a permission denied: name the file, skip the traceback
+        print(f"spj-edge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Text files → token stream → fixed-length training windows, with a held-out split that depends only on the seed."""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from .errors import SPJError
+from .tokenizer import special_token_ids
+
+
+def find_text_files(paths: list[str | Path]) -> list[Path]:
+    """The files named, and every non-hidden file below the directories named, in a stable order."""
+    if not paths:
+        raise SPJError("no data given (pass --data PATH: text files or directories of them)")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise SPJError(f"{p}: directory has no files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise SPJError(f"{p}: no such file or directory")
+    return files
+
+
+def read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SPJError(f"{path}: cannot read ({e.strerror})") from None
+    if b"\0" in raw:
+        raise SPJError(f"{path}: binary file (contains NUL bytes), expected UTF-8 text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SPJError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def read_texts(paths: list[str | Path]) -> dict[Path, str]:
+    """Every file's text; files that hold only white space are left out, and no text at all is an error."""
+    texts = {f: read_text(f) for f in find_text_files(paths)}
+    texts = {f: t for f, t in texts.items() if t.strip()}
+    if not texts:
+        raise SPJError(f"{', '.join(map(str, paths))}: no text found (all files are empty)")
+    return texts
+
+
+def split_documents(text: str) -> list[str]:
+    """Paragraphs (blank-line separated), each keeping its trailing separator, so they concatenate to the text."""
+    return [m.group(0) for m in re.finditer(r".+?(?:\n\s*\n|$)", text, flags=re.S) if m.group(0)]
+
+
+def tokenize_corpus(texts: list[str], tokenizer: Tokenizer) -> np.ndarray:
+    """One stream: <bos> paragraph <eos> <bos> paragraph <eos> …, the way generation starts (a <bos>) and ends."""
+    ids = special_token_ids(tokenizer)
+    docs = [d for t in texts for d in split_documents(t)]
+    encoded = tokenizer.encode_batch_fast(docs, add_special_tokens=False)
+    pieces = [np.array([ids["bos_token_id"], *e.ids, ids["eos_token_id"]], dtype=np.int64) for e in encoded]
+    return np.concatenate(pieces)
+
+
+@dataclass
+class Dataset:
+    """Windows of block_size + 1 tokens (inputs and targets shifted by one), split into train and held-out."""
+
+    train: np.ndarray  # [n_train, block_size + 1]
+    val: np.ndarray  # [n_val, block_size + 1]
+    fingerprint: str  # sha256 of the token stream and split: a resumed run must see the same data
+
+    def train_batch(self, seed: int, first: int, size: int) -> np.ndarray:
+        """Samples first .. first+size of the infinite sequence of epochs, each a fresh seeded permutation."""
+        n = len(self.train)
+        rows = []
+        for k in range(first, first + size):
+            epoch, index = divmod(k, n)
+            rows.append(self._permutation(seed, epoch)[index])
+        return self.train[rows]
+
+    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_perm_cache", {})
+        if epoch not in cache:
+            cache.clear()
+            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(len(self.train))
+        return cache[epoch]
+
+
+def windows(stream: np.ndarray, block_size: int) -> np.ndarray:
+    n = len(stream) // (block_size + 1)
+    return stream[: n * (block_size + 1)].reshape(n, block_size + 1)
+
+
+def build_dataset(train_stream: np.ndarray, block_size: int, seed: int, val_fraction: float,
+                  val_stream: np.ndarray | None = None, source: str = "data") -> Dataset:
+    """Cut the stream into windows. Held-out windows come from `val_stream` when given, else a seeded random
+    `val_fraction` of the windows (at least one) is set aside."""
+    blocks = windows(train_stream, block_size)
+    min_blocks = 1 if val_stream is not None else 2
+    if len(blocks) < min_blocks:
+        raise SPJError(f"{source}: too little text ({len(train_stream)} tokens) for windows of {block_size + 1} "
+                       f"tokens; give more text or a smaller context")
+    if val_stream is not None:
+        train, val = blocks, windows(val_stream, block_size)
+        if len(val) == 0:
+            raise SPJError(f"held-out data: too little text ({len(val_stream)} tokens) for one window")
+    else:
+        order = np.random.default_rng(seed).permutation(len(blocks))
+        n_val = min(max(1, round(len(blocks) * val_fraction)), len(blocks) - 1)
+        val, train = blocks[np.sort(order[:n_val])], blocks[np.sort(order[n_val:])]
+    digest = hashlib.sha256(train.tobytes())
+    digest.update(val.tobytes())
+    return Dataset(train=train, val=val, fingerprint=digest.hexdigest())

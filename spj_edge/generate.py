@@ -1,0 +1,66 @@
+"""Reference generation in PyTorch with the KV cache: what the exported and quantized models are checked against."""
+from __future__ import annotations
+
+from typing import Iterator, TextIO
+
+import torch
+from tokenizers import Tokenizer
+
+from .errors import SPJError
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+from .tokenizer import special_token_ids
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
+    ids = [special_token_ids(tokenizer)["bos_token_id"], *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    if len(ids) >= context:
+        raise SPJError(f"prompt is {len(ids)} tokens with <bos>; the model's context is {context}, which leaves no "
+                       "room to generate")
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                 eos_id: int | None) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, the end of the context, or `eos_id` (not yielded)."""
+    model.eval()
+    budget = min(max_new_tokens, model.config.max_position_embeddings - len(prompt_ids))
+    history = list(prompt_ids)
+    logits, past = model(torch.tensor([prompt_ids]))
+    for _ in range(budget):
+        next_id = sampler(logits[0, -1].float().numpy(), history)
+        if next_id == eos_id:
+            return
+        yield next_id
+        history.append(next_id)
+        logits, past = model(torch.tensor([[next_id]]), past_key_values=past)
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
+             params: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> Iterator[int]:
+    """The new ids for a prompt (prefixed with <bos>, as in training). Bad input fails here, before any work."""
+    if max_new_tokens < 0:
+        raise SPJError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.max_position_embeddings)
+    eos = None if ignore_eos else special_token_ids(tokenizer)["eos_token_id"]
+    sampler = Sampler(params, vocab_limit=min(tokenizer.get_vocab_size(), model.config.vocab_size))
+    return generate_ids(model, prompt_ids, max_new_tokens, sampler, eos)
+
+
+def generate_text(checkpoint: str, prompt: str, max_new_tokens: int, params: SamplingParams, ignore_eos: bool,
+                  stream: TextIO) -> str:
+    """The `spj-edge generate` verb: stream the continuation of `prompt` as it is produced."""
+    from .checkpoint import load_checkpoint
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    new_ids, shown = [], ""
+    for token in generate(model, tokenizer, prompt, max_new_tokens, params, ignore_eos):
+        new_ids.append(token)
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            stream.write(text[len(shown):])
+            stream.flush()
+            shown = text
+    stream.write(tokenizer.decode(new_ids)[len(shown):] + "\n")
+    return tokenizer.decode(new_ids)

@@ -1,0 +1,69 @@
+"""Next-token choice from logits, in numpy: the PyTorch reference and the ONNX runtime share it, so a seed gives the
+same text on both."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SPJError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not np.isfinite(getattr(self, name)):
+                raise SPJError(f"{name} must be a finite number, got {getattr(self, name)}")
+        checks = (
+            (self.temperature >= 0, f"temperature must be ≥ 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be ≥ 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise SPJError(message)
+
+
+class Sampler:
+    """Picks ids below `vocab_limit` (the tokenizer's size: the model's vocabulary may be padded past it)."""
+
+    def __init__(self, params: SamplingParams, vocab_limit: int):
+        self.params = params
+        self.vocab_limit = vocab_limit
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray = ()) -> int:
+        p = self.params
+        logits = np.asarray(logits, dtype=np.float64)[: self.vocab_limit].copy()
+        if p.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history))
+            seen = seen[seen < self.vocab_limit]
+            # CTRL's penalty, as transformers applies it: shrink positive logits, push negative ones further down.
+            logits[seen] = np.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
+                                    logits[seen] * p.repetition_penalty)
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        logits /= p.temperature
+        if 0 < p.top_k < len(logits):
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cumulative = np.cumsum(probs[order])
+            # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
+            cut = int(np.searchsorted(cumulative, p.top_p)) + 1
+            keep = np.zeros_like(probs, dtype=bool)
+            keep[order[:cut]] = True
+            probs = np.where(keep, probs, 0.0)
+            probs /= probs.sum()
+        return int(self.rng.choice(len(probs), p=probs))

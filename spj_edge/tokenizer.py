@@ -1,0 +1,98 @@
+"""A byte-level BPE tokenizer (Hugging Face `tokenizers`): any UTF-8 text, Chinese included, round-trips exactly.
+
+No normalizer and no prefix space: the bytes of the text are the bytes of its tokens, so bits per byte can be
+computed from per-token byte lengths and compared across tokenizers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import SPJError
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2: SPJConfig's defaults
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    min_size = len(SPECIAL_TOKENS) + 256
+    if vocab_size < min_size:
+        raise SPJError(f"--vocab-size must be at least {min_size} (256 bytes and {len(SPECIAL_TOKENS)} special "
+                       f"tokens), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise SPJError(f"{path}: {'is a directory, expected tokenizer.json' if path.is_dir() else 'no such file'}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust side raises a bare Exception with a serde message
+        raise SPJError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    ids = {name: tokenizer.token_to_id(token) for name, token in
+           (("pad_token_id", PAD), ("bos_token_id", BOS), ("eos_token_id", EOS))}
+    missing = [name for name, i in ids.items() if i is None]
+    if missing:
+        raise SPJError(f"tokenizer lacks the special tokens {', '.join(SPECIAL_TOKENS)}")
+    return ids
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each id stands for. Byte-level BPE maps every byte to one character of its alphabet, so a token's
+    byte length is its string length; special tokens and ids past the tokenizer's vocabulary stand for no bytes."""
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    special = {tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
+    for token, i in tokenizer.get_vocab(with_added_tokens=False).items():
+        if i < vocab_size and i not in special:
+            lengths[i] = len(token)
+    return lengths
+
+
+def check_matches_model(tokenizer: Tokenizer, vocab_size: int, source: str) -> None:
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab_size:
+        raise SPJError(f"{source}: the tokenizer has {size} tokens but the model's vocabulary has {vocab_size}: "
+                       "they do not belong together")
+
+
+def build_tokenizer(data: list, vocab_size: int, out: Path, overwrite: bool = False) -> Tokenizer:
+    """The `spj-edge tokenizer` stage: train, check the round trip, report bytes per token for every file."""
+    from .data import read_texts
+    from .outputs import print_summary, refuse_existing_output, write_json
+
+    refuse_existing_output(out, overwrite)
+    texts = read_texts(data)
+    tokenizer = train_tokenizer(texts.values(), vocab_size)
+    per_file = {}
+    for path, text in texts.items():
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        if tokenizer.decode(ids, skip_special_tokens=False) != text:
+            raise SPJError(f"{path}: the trained tokenizer does not round-trip this text")
+        per_file[str(path)] = {"bytes": len(text.encode("utf-8")), "tokens": len(ids),
+                               "bytes_per_token": len(text.encode("utf-8")) / len(ids)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial")
+    tokenizer.save(str(tmp))
+    tmp.replace(out)
+    write_json(out.with_suffix(".report.json"), {"stage": "tokenizer", "vocab_size": tokenizer.get_vocab_size(),
+                                                 "special_tokens": list(SPECIAL_TOKENS), "files": per_file})
+    print_summary(f"tokenizer: {out} ({tokenizer.get_vocab_size()} tokens), bytes per token",
+                  [(Path(p).name, round(f["bytes_per_token"], 2)) for p, f in per_file.items()])
+    return tokenizer

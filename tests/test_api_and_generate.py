@@ -1,0 +1,59 @@
+"""The Python API, the sampler and `spj-edge generate`."""
+import numpy as np
+import pytest
+
+from conftest import SHAKESPEARE, run_cli
+from spj_edge import SlimPajama
+from spj_edge.errors import SPJError
+from spj_edge.sampling import Sampler, SamplingParams
+
+
+def test_python_api_trains_saves_loads_and_generates(tmp_path):
+    model = SlimPajama("nano")
+    assert repr(model).startswith("SlimPajama(125,248 parameters: 2 layers")
+    with pytest.raises(SPJError, match="no tokenizer yet"):
+        model("hello")
+    model.train([SHAKESPEARE / "val.txt"], steps=20, batch_size=8)
+    assert model.report["heldout"]["bits_per_byte"] < 6
+    greedy = model("ROMEO:", max_new_tokens=12, ignore_eos=True)
+    assert isinstance(greedy, str) and greedy
+    path = model.save(tmp_path / "ckpt")
+    again = SlimPajama.from_pretrained(path)
+    assert again("ROMEO:", max_new_tokens=12, ignore_eos=True) == greedy
+    assert again.config == model.config
+
+
+def test_sampler_greedy_topk_seed_and_vocab_limit():
+    logits = np.array([0.1, 3.0, 2.9, -1.0, 50.0])  # id 4 is past the tokenizer's vocabulary
+    assert Sampler(SamplingParams(temperature=0), vocab_limit=4)(logits) == 1
+    assert Sampler(SamplingParams(temperature=5.0, top_k=1, seed=3), vocab_limit=4)(logits) == 1
+    draws = [Sampler(SamplingParams(temperature=2.0, seed=11), 4) for _ in range(2)]
+    a = [draws[0](logits) for _ in range(50)]
+    b = [draws[1](logits) for _ in range(50)]
+    assert a == b and set(a) <= {0, 1, 2, 3} and len(set(a)) > 1
+    nucleus = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=0), 4)
+    assert {nucleus(logits) for _ in range(50)} == {1}, "top_p 0.5 keeps only the most likely of two close ids"
+    penalised = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), 4)
+    assert penalised(logits, history=[1]) == 2
+
+
+@pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 2.0), ("top_p", 0.0), ("top_k", -1),
+                                          ("repetition_penalty", 0.0), ("temperature", float("nan"))])
+def test_invalid_sampling_values(field, value):
+    with pytest.raises(SPJError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_generate_cli_is_deterministic_with_a_seed_and_refuses_long_prompts(nano_checkpoint):
+    args = ["generate", "--model", nano_checkpoint, "--prompt", "First Citizen:", "--max-new-tokens", "20",
+            "--seed", "5", "--ignore-eos"]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
+    greedy = run_cli(*args[:-3], "--temperature", "0", "--ignore-eos")
+    assert greedy.returncode == 0
+    too_long = run_cli("generate", "--model", nano_checkpoint, "--prompt", "word " * 400)
+    assert too_long.returncode == 2 and "the model's context is 128" in too_long.stderr
+    bad = run_cli("generate", "--model", nano_checkpoint, "--prompt", "x", "--top-p", "2")
+    assert bad.returncode == 2 and "top_p must be in (0, 1], got 2.0" in bad.stderr
+    missing = run_cli("generate", "--model", nano_checkpoint.parent / "nope", "--prompt", "x")
+    assert missing.returncode == 2 and "no such checkpoint directory" in missing.stderr

@@ -1,0 +1,105 @@
+"""Our model against an independent implementation: transformers' LlamaForCausalLM on the same checkpoint."""
+import json
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from spj_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
+from spj_edge.errors import SPJError
+from spj_edge.generate import generate
+from spj_edge.model import SPJConfig, Transformer, load_preset, positions_from_mask
+from spj_edge.sampling import SamplingParams
+
+GQA = SPJConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=2, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A random GQA model saved as a checkpoint, and transformers' model loaded from that directory."""
+    torch.manual_seed(0)
+    ours = Transformer(GQA).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a wrong norm placement shows
+        for name, p in ours.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("gqa")
+    save_checkpoint(path, ours, tokenizer=None)
+    hf = LlamaForCausalLM.from_pretrained(path).eval()
+    return ours, hf
+
+
+def test_prefill_and_cached_decode_match_transformers(pair):
+    ours, hf = pair
+    ids = torch.randint(0, GQA.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours_logits, past = ours(ids[:, :16])
+        hf_out = hf(ids[:, :16], use_cache=True)
+        assert (ours_logits - hf_out.logits).abs().max() < 1e-4
+        for t in range(16, 24):  # one token at a time through the cache
+            ours_logits, past = ours(ids[:, t:t + 1], past_key_values=past)
+            hf_out = hf(ids[:, t:t + 1], cache=hf_out.cache, use_cache=True)
+            assert (ours_logits - hf_out.logits).abs().max() < 1e-4, f"decode step {t}"
+    assert past[0][0].shape == (2, GQA.num_key_value_heads, 24, GQA.head_dim)
+
+
+def test_left_padding_matches_transformers_and_the_unpadded_row(pair):
+    ours, hf = pair
+    ids = torch.randint(3, GQA.vocab_size, (2, 12), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # row 1 is 7 real tokens, left-padded
+    ids[1, :5] = 0
+    positions = positions_from_mask(mask, ids.shape[1])
+    with torch.no_grad():
+        ours_logits, _ = ours(ids, attention_mask=mask, position_ids=positions)
+        hf_logits = hf(ids, attention_mask=mask, position_ids=positions).logits
+        alone, _ = ours(ids[1:, 5:])
+    assert torch.isfinite(ours_logits).all()
+    assert (ours_logits[:, -7:] - hf_logits[:, -7:]).abs().max() < 1e-4
+    assert (ours_logits[1, 5:] - alone[0]).abs().max() < 1e-4
+
+
+def test_checkpoint_is_hugging_face_layout(pair, tmp_path):
+    ours, _ = pair
+    save_checkpoint(tmp_path, ours, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "model.layers.2.self_attn.k_proj.weight" in names and "lm_head.weight" not in names
+    reloaded = load_model(tmp_path)
+    ids = torch.tensor([[1, 5, 9, 200]])
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids)[0], ours(ids)[0])
+
+
+def test_greedy_generate_equals_transformers_generate(nano_checkpoint):
+    model, tokenizer = load_checkpoint(nano_checkpoint)
+    hf = LlamaForCausalLM.from_pretrained(nano_checkpoint).eval()
+    for prompt in ("ROMEO:", "Der Hund", "我们"):
+        ours = list(generate(model, tokenizer, prompt, 40, SamplingParams(temperature=0.0), ignore_eos=True))
+        prompt_ids = torch.tensor([[model.config.bos_token_id, *tokenizer.encode(prompt).ids]])
+        theirs = hf.generate(prompt_ids, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             attention_mask=torch.ones_like(prompt_ids))[0, prompt_ids.shape[1]:].tolist()
+        assert len(ours) == 40 and ours == theirs, prompt
+
+
+def test_config_validation_and_foreign_architectures():
+    with pytest.raises(SPJError, match="multiple of num_key_value_heads"):
+        SPJConfig(num_attention_heads=6, num_key_value_heads=4)
+    with pytest.raises(SPJError, match="GPT2LMHeadModel is not supported.*LlamaForCausalLM"):
+        SPJConfig.from_hf_dict({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
+    config = load_preset("teacher")
+    assert SPJConfig.from_hf_dict(config.to_hf_dict()) == config
+    with pytest.raises(SPJError, match="no such preset.*nano"):
+        load_preset("gigantic")
+
+
+def test_small_preset_has_the_benchmark_shape():
+    c = load_preset("small")
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size, c.vocab_size, c.max_position_embeddings) == (512, 8, 8, 4, 1408, 32000, 1024)
+    assert 35e6 < c.num_parameters() < 45e6
+    assert c.num_parameters() == sum(p.numel() for p in Transformer(c).parameters())

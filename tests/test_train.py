@@ -1,0 +1,138 @@
+"""The training loop: accumulation, mixed precision, exact resume after SIGKILL, DDP, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SHAKESPEARE, UD, run_cli
+from spj_edge.checkpoint import load_model
+from spj_edge.data import build_dataset, tokenize_corpus
+from spj_edge.model import load_preset, Transformer
+from spj_edge.tokenizer import train_tokenizer
+from spj_edge.train import Processes, TrainOptions, fit, heldout_metrics
+from spj_edge.tokenizer import token_byte_lengths
+
+NANO = load_preset("nano")
+SINGLE = Processes(0, 1, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    text = (SHAKESPEARE / "val.txt").read_text(encoding="utf-8")
+    tokenizer = train_tokenizer([text], NANO.vocab_size)
+    return tokenizer, build_dataset(tokenize_corpus([text], tokenizer), NANO.max_position_embeddings, 0, 0.05)
+
+
+def weights_after(corpus, **options):
+    tokenizer, dataset = corpus
+    torch.manual_seed(0)
+    model = Transformer(NANO)
+    fit(model, tokenizer, dataset, TrainOptions(**{"precision": "fp32", "eval_every": 1000, **options}), None, SINGLE)
+    return model.state_dict()
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch(corpus):
+    one_big = weights_after(corpus, steps=2, batch_size=8, grad_accum=1)
+    accumulated = weights_after(corpus, steps=2, batch_size=2, grad_accum=4)
+    small_only = weights_after(corpus, steps=2, batch_size=2, grad_accum=1)
+    for name in one_big:
+        torch.testing.assert_close(accumulated[name], one_big[name], atol=2e-6, rtol=1e-5)
+    assert max((small_only[n] - one_big[n]).abs().max() for n in one_big) > 1e-4, "the batches really differ"
+
+
+def test_bf16_autocast_training_lowers_the_loss(corpus):
+    tokenizer, dataset = corpus
+    torch.manual_seed(0)
+    model = Transformer(NANO)
+    lengths = torch.from_numpy(token_byte_lengths(tokenizer, NANO.vocab_size))
+    before = heldout_metrics(model, dataset.val, lengths, 8)["loss"]
+    report = fit(model, tokenizer, dataset, TrainOptions(steps=30, batch_size=8, precision="bf16", eval_every=30),
+                 None, SINGLE)
+    assert report["precision"] == "bfloat16"
+    after = heldout_metrics(model, dataset.val, lengths, 8)["loss"]
+    assert after < before - 1.0, (before, after)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay float32"
+
+
+TRAIN_ARGS = ["train", "--preset", "nano", "--data", SHAKESPEARE / "val.txt", "--steps", "40", "--batch-size", "8",
+              "--precision", "fp32", "--eval-every", "20", "--save-every", "4", "--seed", "7"]
+
+
+def read_weights(path):
+    return load_model(path).state_dict()
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
+    reference = tmp_path / "reference"
+    assert run_cli(*TRAIN_ARGS, "--out", reference).returncode == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-m", "spj_edge.cli", *map(str, TRAIN_ARGS), "--out", str(killed)],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed / "train_state" / "state.json"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads(state.read_text())["step"]
+    assert 0 < step < 40, f"killed at step {step}: not mid-way"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".killed")]
+    resumed = run_cli(*TRAIN_ARGS, "--out", killed, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads((killed / "report.json").read_text())
+    assert final["step"] == 40 and [h["step"] for h in final["history"]] == [20, 40]
+    ref, got = read_weights(reference), read_weights(killed)
+    assert all(torch.equal(ref[n], got[n]) for n in ref), "resumed weights differ from the uninterrupted run"
+    assert len(leftovers) <= 1, leftovers  # at most the staging directory the kill interrupted
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != "40" else "4" for a in TRAIN_ARGS]
+    assert run_cli(*args, "--out", out).returncode == 0
+    result = run_cli(*[a if a != "7" else "8" for a in args], "--out", out, "--resume")
+    assert result.returncode == 2 and "cannot resume with different settings (seed changed)" in result.stderr
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    common = ["--preset", "nano", "--data", SHAKESPEARE / "val.txt", "--steps", "3", "--precision", "fp32",
+              "--eval-every", "3", "--tokenizer", tmp_path / "tok.json"]
+    assert run_cli("tokenizer", "--data", SHAKESPEARE / "val.txt", "--vocab-size", "512",
+                   "--out", tmp_path / "tok.json").returncode == 0
+    single = run_cli("train", *common, "--batch-size", "4", "--grad-accum", "2", "--out", tmp_path / "single")
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "spj_edge.cli", "train", *map(str, common), "--batch-size", "4",
+                          "--out", str(tmp_path / "ddp")], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert json.loads((tmp_path / "ddp" / "report.json").read_text())["processes"] == 2
+    a, b = read_weights(tmp_path / "single"), read_weights(tmp_path / "ddp")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "does/not/exist"], "does/not/exist: no such file or directory"),
+    (["--data", "EMPTY"], "directory has no files"),
+    (["--data", "LATIN1"], "latin1.txt: not UTF-8 text"),
+    (["--data", UD / "en_ewt_dev.txt", "--preset", "huge"], "huge: no such preset"),
+    (["--data", UD / "en_ewt_dev.txt", "--steps", "0"], "--steps must be a positive integer, got 0"),
+    (["--data", UD / "en_ewt_dev.txt", "--steps", "-5"], "--steps must be a positive integer, got -5"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
+    args = [{"EMPTY": tmp_path / "empty", "LATIN1": tmp_path / "latin1.txt"}.get(a, a) for a in args]
+    out = tmp_path / "out"
+    result = run_cli("train", "--preset", "nano", *args, "--out", out)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
