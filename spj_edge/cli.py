@@ -29,6 +29,12 @@ def cmd_generate(args):
     generate_text(args.model, args.prompt, args.max_new_tokens, sampling_params(args), args.ignore_eos, sys.stdout)
 
 
+def cmd_export(args):
+    from .export import export
+
+    export(args.model, args.out, opset=args.opset, fuse=args.fuse, overwrite=args.overwrite)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -104,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     add_sampling_flags(p)
     p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("export", help="export a checkpoint to ONNX with a KV cache, verified against PyTorch")
+    p.add_argument("--model", help="checkpoint directory, ours or any local Hugging Face LlamaForCausalLM "
+                                   "(default: runs/student, else runs/teacher)")
+    p.add_argument("--opset", type=int, default=17,
+                   help="ONNX opset: 14-21 for the fused graph, 14-20 for the plain one (default %(default)s)")
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="emit ONNX Runtime's fused ops (the default); --no-fuse traces a plain standard-ops graph")
+    p.add_argument("--out", default="runs/onnx")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_export)
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")

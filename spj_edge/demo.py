@@ -1,7 +1,7 @@
 """`spj-edge demo`: the whole path on real text, every stage in its own directory under --out.
 
 So far: tokenizer → teacher (trained on tinyshakespeare and the UD dev sets of five languages) → held-out bits per byte
-per language → sample text.
+per language → ONNX export at opset 17 (fused graph, verified against PyTorch) → sample text.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 
 from .data import read_text, tokenize_corpus, windows
 from .errors import SPJError
+from .export import export
 from .generate import generate
 from .model import load_preset
 from .outputs import print_summary, write_json
@@ -66,6 +67,7 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
     for lang, path in heldout_files.items():
         held = windows(tokenize_corpus([read_text(path)], tokenizer), model.config.max_position_embeddings)
         per_language[lang] = heldout_metrics(model, held, lengths, batch_size=16)["bits_per_byte"]
+    export_report = export(out / "teacher", out / "onnx", opset=17, overwrite=True)
     samples = {lang: tokenizer.decode(list(generate(model, tokenizer, prompt, plan.sample_tokens,
                                                      SamplingParams(temperature=0.8, top_p=0.95, seed=0))))
                for lang, prompt in PROMPTS.items()}
@@ -74,6 +76,7 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
               "teacher": {"parameters": teacher_report["parameters"], "steps": teacher_report["step"],
                           "tokens_per_s": teacher_report["tokens_per_s"],
                           "heldout_bits_per_byte": per_language},
+              "export": {k: export_report[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
               "samples": {lang: PROMPTS[lang] + text for lang, text in samples.items()}}
     write_json(out / "report.json", report)
     for lang, text in report["samples"].items():

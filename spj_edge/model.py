@@ -161,6 +161,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def attend(q, k, v, mask):
+    """Scaled dot-product attention; k and v may have fewer heads than q (GQA)."""
+    if torch.onnx.is_in_onnx_export() and k.shape[1] != q.shape[1]:
+        # The TorchScript exporter has no GQA form of SDPA: give every query head its own copy of its KV head.
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: SPJConfig):
         super().__init__()
@@ -188,7 +198,7 @@ class Attention(nn.Module):
             if past is not None:
                 k = torch.cat((past[0], k), dim=2)
                 v = torch.cat((past[1], v), dim=2)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            y = attend(q, k, v, mask)
         y = y.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)
         return self.o_proj(y), (k, v)
 

@@ -1,0 +1,259 @@
+"""`spj-edge export`: a checkpoint → `model.onnx` with the KV-cache contract of contract.py, verified against PyTorch.
+
+Two graphs:
+- plain: traced by PyTorch's TorchScript exporter, standard ONNX ops only (the kind of graph Optimum writes);
+- fused: emitted directly (onnx_fused.py) with the ops ONNX Runtime runs natively: fused RMSNorm, rotary and
+  attention, packed QKV; a tenth of the nodes.
+
+Either way the graph is checked against the PyTorch model before anything is written (prefill with an empty past,
+cached decode, a left-padded batch, a greedy continuation); a failed check writes nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from . import contract
+from .checkpoint import checkpoint_sha256, load_checkpoint
+from .errors import SPJError
+from .generate import generate_ids
+from .model import Transformer, positions_from_mask
+from .outputs import print_summary, refuse_existing_output, staged_dir, write_json
+from .sampling import Sampler, SamplingParams
+
+FORMAT_VERSION = 1
+# The TorchScript exporter's SDPA needs opset 14; 20 is the newest it writes.
+PLAIN_OPSETS = range(14, 21)
+TOLERANCE = 1e-4  # max |logit difference| against PyTorch, float32
+DEFAULT_MODELS = ("runs/student", "runs/teacher")  # the newest stage that exists wins
+
+
+def default_model() -> Path:
+    for candidate in map(Path, DEFAULT_MODELS):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise SPJError(f"no checkpoint found at {' or '.join(DEFAULT_MODELS)}; pass --model DIR")
+
+
+def untied_copy(model: Transformer) -> Transformer:
+    """The same network with the LM head as its own weight: ONNX Runtime's quantizers skip a transposed embedding,
+    and in a small model that matrix is the largest one."""
+    copy = Transformer(model.config.replace(tie_word_embeddings=False))
+    state = model.state_dict()
+    state.setdefault("lm_head.weight", state["embed_tokens.weight"].clone())
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
+def packed_weights(model: Transformer) -> dict[tuple[str, ...], torch.Tensor]:
+    """The MatMul weights of the graph as [in, out] matrices, by module path; q/k/v and gate/up are packed."""
+    weights = {("lm_head",): model.lm_head_weight().T}
+    for i, layer in enumerate(model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        weights[f"layers.{i}", "self_attn", "qkv_proj"] = torch.cat(
+            (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)).T
+        weights[f"layers.{i}", "self_attn", "o_proj"] = attn.o_proj.weight.T
+        weights[f"layers.{i}", "mlp", "gate_up_proj"] = torch.cat((mlp.gate_proj.weight, mlp.up_proj.weight)).T
+        weights[f"layers.{i}", "mlp", "down_proj"] = mlp.down_proj.weight.T
+    return weights
+
+
+def name_weight_matmuls(graph: onnx.GraphProto, model: Transformer) -> None:
+    """Give the traced graph's weight MatMuls (and their initializers) the module names the fused graph uses:
+    `/layers.3/mlp/down_proj/MatMul` on `layers.3.mlp.down_proj.weight`. The tracer names packed and tied weights
+    `onnx::MatMul_123`; matching by content is exact and independent of trace order."""
+    by_content = {hashlib.sha256(w.detach().float().contiguous().numpy().tobytes()).hexdigest(): path
+                  for path, w in packed_weights(model).items()}
+    renamed = {}
+    for init in graph.initializer:
+        array = onnx.numpy_helper.to_array(init)
+        path = by_content.get(hashlib.sha256(np.ascontiguousarray(array, np.float32).tobytes()).hexdigest())
+        if path is not None and array.ndim == 2:
+            renamed[init.name] = path
+            init.name = ".".join(path) + ".weight"
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.input[1] in renamed:
+            node.name = "/" + "/".join(renamed[node.input[1]]) + "/MatMul"
+            node.input[1] = ".".join(renamed[node.input[1]]) + ".weight"
+
+
+def export_plain(model: Transformer, opset: int) -> onnx.ModelProto:
+    cfg = model.config
+    traced = untied_copy(model)
+    batch, seq, past = 2, 3, 2  # any sizes: every one of these axes is dynamic in the graph
+    example = (
+        torch.randint(0, cfg.vocab_size, (batch, seq)),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+        torch.arange(past, past + seq).expand(batch, seq),
+        [tuple(torch.zeros(batch, cfg.num_key_value_heads, past, cfg.head_dim) for _ in range(2))
+         for _ in range(cfg.num_hidden_layers)],
+    )
+    specs_in = contract.inputs(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim)
+    specs_out = contract.outputs(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(
+            traced, example, buffer, dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=[s.name for s in specs_in], output_names=[s.name for s in specs_out],
+            dynamic_axes={s.name: {i: d for i, d in enumerate(s.dims) if isinstance(d, str)}
+                          for s in specs_in + specs_out})
+    proto = onnx.load_from_string(buffer.getvalue())
+    name_weight_matmuls(proto.graph, traced)
+    return proto
+
+
+# --- verification ---------------------------------------------------------------------------------------------------
+class OnnxLM:
+    """A numpy driver for a graph of the contract: enough to compare it with PyTorch."""
+
+    def __init__(self, proto: onnx.ModelProto, config):
+        self.config = config
+        self.session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        c = self.config
+        return [np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), np.float32)
+                for _ in range(2 * c.num_hidden_layers)]
+
+    def __call__(self, input_ids, attention_mask, position_ids, past: list[np.ndarray]):
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for i in range(self.config.num_hidden_layers):
+            feed[contract.past_name(i, "key")], feed[contract.past_name(i, "value")] = past[2 * i], past[2 * i + 1]
+        logits, *present = self.session.run(None, feed)
+        return logits, present
+
+
+def verify(proto: onnx.ModelProto, model: Transformer, prompt_ids: list[int], decode_steps: int = 32,
+           continuation: int = 64) -> dict:
+    """Max |logit difference| vs PyTorch at prefill, over cached decode steps and for a left-padded batch of 2, and
+    whether a greedy continuation is token-identical. Raises SPJError naming the check that failed."""
+    cfg = model.config
+    onnx_lm = OnnxLM(proto, cfg)
+    room = cfg.max_position_embeddings - len(prompt_ids)
+    decode_steps, continuation = min(decode_steps, room), min(continuation, room)
+    report = {}
+    with torch.no_grad():
+        # prefill from an empty past, then decode one token at a time through both caches
+        ids = np.array([prompt_ids], np.int64)
+        ort_logits, ort_past = onnx_lm(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], onnx_lm.empty_past(1))
+        torch_logits, torch_past = model(torch.from_numpy(ids))
+        report["prefill_max_abs_diff"] = float(np.abs(ort_logits - torch_logits.numpy()).max())
+        worst, length = 0.0, ids.shape[1]
+        for _ in range(decode_steps):
+            token = np.array([[int(torch_logits[0, -1].argmax())]])
+            length += 1
+            ort_logits, ort_past = onnx_lm(token, np.ones((1, length), np.int64), np.array([[length - 1]]), ort_past)
+            torch_logits, torch_past = model(torch.from_numpy(token), past_key_values=torch_past)
+            worst = max(worst, float(np.abs(ort_logits - torch_logits.numpy()).max()))
+        report["decode_max_abs_diff"], report["decode_steps"] = worst, decode_steps
+
+        # a batch of two, the shorter row left-padded, then a few decode steps
+        short = prompt_ids[: max(1, len(prompt_ids) // 2)]
+        pad = len(prompt_ids) - len(short)
+        ids = np.array([prompt_ids, [cfg.pad_token_id] * pad + short], np.int64)
+        mask = np.ones_like(ids)
+        mask[1, :pad] = 0
+        worst = 0.0
+        ort_past, torch_past = onnx_lm.empty_past(2), None
+        for _ in range(min(4, room)):
+            positions = positions_from_mask(torch.from_numpy(mask), ids.shape[1]).numpy()
+            ort_logits, ort_past = onnx_lm(ids, mask, positions, ort_past)
+            torch_logits, torch_past = model(torch.from_numpy(ids), torch.from_numpy(mask),
+                                             torch.from_numpy(positions), torch_past)
+            real = mask[:, -ids.shape[1]:].astype(bool)
+            worst = max(worst, float(np.abs(ort_logits - torch_logits.numpy())[real].max()))
+            ids = torch_logits[:, -1:].argmax(-1).numpy()
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        report["left_padded_batch_max_abs_diff"] = worst
+
+        # greedy continuation: PyTorch's reference loop against a plain ONNX loop
+        greedy = Sampler(SamplingParams(temperature=0.0), cfg.vocab_size)
+        reference = list(generate_ids(model, prompt_ids, continuation, greedy, eos_id=None))
+        ids, ort_past, produced = np.array([prompt_ids], np.int64), onnx_lm.empty_past(1), []
+        length = len(prompt_ids)
+        for _ in range(continuation):
+            ort_logits, ort_past = onnx_lm(ids, np.ones((1, length), np.int64),
+                                           np.arange(length - ids.shape[1], length)[None], ort_past)
+            produced.append(int(ort_logits[0, -1].argmax()))
+            ids, length = np.array([[produced[-1]]]), length + 1
+        report["greedy_tokens"] = continuation
+        report["greedy_identical"] = produced == reference
+        if not report["greedy_identical"]:
+            first = next(i for i, (a, b) in enumerate(zip(produced, reference)) if a != b)
+            report["greedy_first_difference"] = first
+
+    for key in ("prefill_max_abs_diff", "decode_max_abs_diff", "left_padded_batch_max_abs_diff"):
+        if not report[key] <= TOLERANCE:
+            raise SPJError(f"export check failed: {key.removesuffix('_max_abs_diff')} logits differ from PyTorch by "
+                           f"{report[key]:.2e} (> {TOLERANCE:.0e}); nothing written")
+    if not report["greedy_identical"]:
+        raise SPJError(f"export check failed: the greedy continuation departs from PyTorch's at token "
+                       f"{report['greedy_first_difference']} of {continuation}; nothing written")
+    return report
+
+
+def verification_prompt(tokenizer, config, length: int = 16) -> list[int]:
+    """Real text where the tokenizer is ours, so the check runs the model where it is trained."""
+    ids = tokenizer.encode("First Citizen:\nBefore we proceed any further, hear me speak.").ids
+    ids = [i for i in ids if i < config.vocab_size][: length - 1]
+    return [config.bos_token_id, *ids]
+
+
+# --- the stage ------------------------------------------------------------------------------------------------------
+def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse: bool = True,
+           overwrite: bool = False) -> dict:
+    if fuse:
+        from .onnx_fused import FUSED_OPSETS, build_fused_model
+    opsets = FUSED_OPSETS if fuse else PLAIN_OPSETS
+    if opset not in opsets:
+        raise SPJError(f"--opset {opset} is out of range: the {'fused' if fuse else 'plain'} exporter writes "
+                       f"opsets {opsets.start} to {opsets.stop - 1}")
+    model_dir = Path(model_dir) if model_dir is not None else default_model()
+    out = Path(out)
+    refuse_existing_output(out, overwrite)
+    model, tokenizer = load_checkpoint(model_dir)
+    started = time.perf_counter()
+    proto = build_fused_model(model, opset) if fuse else export_plain(model, opset)
+    export_s = time.perf_counter() - started
+    config_json = model.config.to_hf_dict()
+    source_sha = checkpoint_sha256(model_dir)
+    for key, value in {"spj.format_version": str(FORMAT_VERSION), "spj.config": json.dumps(config_json),
+                       "spj.opset": str(opset), "spj.graph": "fused" if fuse else "plain",
+                       "spj.quantization": "none", "spj.source_sha256": source_sha}.items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name, proto.producer_version = "spj-edge", str(FORMAT_VERSION)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:
+        raise SPJError(f"export check failed: onnx.checker rejects the graph ({str(e).splitlines()[0]})") from None
+    checks = verify(proto, model, verification_prompt(tokenizer, model.config))
+
+    data = proto.SerializeToString()
+    report = {
+        "stage": "export", "source": str(model_dir), "source_sha256": source_sha, "opset": opset,
+        "graph": "fused" if fuse else "plain", "nodes": len(proto.graph.node), "file_bytes": len(data),
+        "parameters": model.config.num_parameters(), "export_s": round(export_s, 2), "tolerance": TOLERANCE,
+        "checks": checks, "onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+    }
+    with staged_dir(out) as tmp:
+        (tmp / "model.onnx").write_bytes(data)
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_json(tmp / "config.json", config_json)
+        write_json(tmp / "report.json", report)
+    print_summary(f"export: {model_dir} → {out / 'model.onnx'}", [
+        ("graph", report["graph"]), ("opset", opset), ("nodes", report["nodes"]),
+        ("file", f"{len(data) / 1e6:.2f} MB"), ("prefill max |Δlogit|", f"{checks['prefill_max_abs_diff']:.1e}"),
+        ("decode max |Δlogit|", f"{checks['decode_max_abs_diff']:.1e} over {checks['decode_steps']} steps"),
+        ("left-padded batch", f"{checks['left_padded_batch_max_abs_diff']:.1e}"),
+        ("greedy continuation", f"identical, {checks['greedy_tokens']} tokens")])
+    return report
