@@ -35,6 +35,16 @@ def cmd_export(args):
     export(args.model, args.out, opset=args.opset, fuse=args.fuse, overwrite=args.overwrite)
 
 
+def cmd_quantize(args):
+    from .quantize import quantize
+
+    quantize(args.model, args.out, calib=args.calib, mode=args.mode, target=args.target,
+             calib_samples=args.calib_samples, calibration=args.calibration, per_channel=args.per_channel,
+             exclude=tuple(args.exclude), auto_exclude=args.auto_exclude, eval_data=args.eval,
+             max_bpb_increase=args.max_bpb_increase, min_agreement=args.min_agreement, block_size=args.block_size,
+             accuracy_level=args.accuracy_level, force=args.force, overwrite=args.overwrite)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -121,6 +131,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/onnx")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_export)
+
+    p = verbs.add_parser("quantize", help="int8 (static with calibration, or dynamic) or int4, behind an accuracy gate")
+    p.add_argument("--model", default="runs/onnx", help="a float export directory (default %(default)s)")
+    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration text; its last 20%% is held out for the "
+                                                             "gate unless --eval is given")
+    p.add_argument("--out", help="default: runs/int8, or runs/int4 with --mode int4")
+    p.add_argument("--mode", choices=("static", "dynamic", "int4"), default="static")
+    p.add_argument("--target", default="auto", help="a profile in exporters/: x86-vnni, x86, arm64 (default: this CPU)")
+    p.add_argument("--calib-samples", type=int, default=32,
+                   help="calibration samples, each a 32-token prefill and 16 cached decode steps")
+    p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), help="default: the profile's")
+    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
+                   help="per-channel weight scales (default: the profile's)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="keep these MatMuls in float, e.g. "
+                                                                             "/lm_head/MatMul")
+    p.add_argument("--auto-exclude", action="store_true", help="keep the most sensitive MatMuls in float until the "
+                                                               "gate passes")
+    p.add_argument("--eval", nargs="+", metavar="PATH", help="held-out text for the gate")
+    p.add_argument("--max-bpb-increase", type=float, default=0.02, help="gate: relative (default 0.02 = 2%%)")
+    p.add_argument("--min-agreement", type=float, default=0.95, help="gate: top-1 agreement with float32")
+    p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
+    p.add_argument("--accuracy-level", type=int, default=4, help="int4: MatMulNBits compute type (4: int8)")
+    p.add_argument("--force", action="store_true", help="write a model that fails the gate, with a warning")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_quantize)
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")

@@ -27,6 +27,7 @@ from .checkpoint import checkpoint_sha256, load_checkpoint
 from .errors import SPJError
 from .generate import generate_ids
 from .model import Transformer, positions_from_mask
+from .onnx_lm import OnnxLM
 from .outputs import print_summary, refuse_existing_output, staged_dir, write_json
 from .sampling import Sampler, SamplingParams
 
@@ -113,46 +114,25 @@ def export_plain(model: Transformer, opset: int) -> onnx.ModelProto:
 
 
 # --- verification ---------------------------------------------------------------------------------------------------
-class OnnxLM:
-    """A numpy driver for a graph of the contract: enough to compare it with PyTorch."""
-
-    def __init__(self, proto: onnx.ModelProto, config):
-        self.config = config
-        self.session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        c = self.config
-        return [np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), np.float32)
-                for _ in range(2 * c.num_hidden_layers)]
-
-    def __call__(self, input_ids, attention_mask, position_ids, past: list[np.ndarray]):
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i in range(self.config.num_hidden_layers):
-            feed[contract.past_name(i, "key")], feed[contract.past_name(i, "value")] = past[2 * i], past[2 * i + 1]
-        logits, *present = self.session.run(None, feed)
-        return logits, present
-
-
 def verify(proto: onnx.ModelProto, model: Transformer, prompt_ids: list[int], decode_steps: int = 32,
            continuation: int = 64) -> dict:
     """Max |logit difference| vs PyTorch at prefill, over cached decode steps and for a left-padded batch of 2, and
     whether a greedy continuation is token-identical. Raises SPJError naming the check that failed."""
     cfg = model.config
-    onnx_lm = OnnxLM(proto, cfg)
+    onnx_lm = OnnxLM(proto.SerializeToString(), cfg)
     room = cfg.max_position_embeddings - len(prompt_ids)
     decode_steps, continuation = min(decode_steps, room), min(continuation, room)
     report = {}
     with torch.no_grad():
         # prefill from an empty past, then decode one token at a time through both caches
         ids = np.array([prompt_ids], np.int64)
-        ort_logits, ort_past = onnx_lm(ids, np.ones_like(ids), np.arange(ids.shape[1])[None], onnx_lm.empty_past(1))
+        ort_logits, ort_past = onnx_lm.step(ids, onnx_lm.empty_past(1))
         torch_logits, torch_past = model(torch.from_numpy(ids))
         report["prefill_max_abs_diff"] = float(np.abs(ort_logits - torch_logits.numpy()).max())
-        worst, length = 0.0, ids.shape[1]
+        worst = 0.0
         for _ in range(decode_steps):
             token = np.array([[int(torch_logits[0, -1].argmax())]])
-            length += 1
-            ort_logits, ort_past = onnx_lm(token, np.ones((1, length), np.int64), np.array([[length - 1]]), ort_past)
+            ort_logits, ort_past = onnx_lm.step(token, ort_past)
             torch_logits, torch_past = model(torch.from_numpy(token), past_key_values=torch_past)
             worst = max(worst, float(np.abs(ort_logits - torch_logits.numpy()).max()))
         report["decode_max_abs_diff"], report["decode_steps"] = worst, decode_steps
@@ -180,12 +160,10 @@ def verify(proto: onnx.ModelProto, model: Transformer, prompt_ids: list[int], de
         greedy = Sampler(SamplingParams(temperature=0.0), cfg.vocab_size)
         reference = list(generate_ids(model, prompt_ids, continuation, greedy, eos_id=None))
         ids, ort_past, produced = np.array([prompt_ids], np.int64), onnx_lm.empty_past(1), []
-        length = len(prompt_ids)
         for _ in range(continuation):
-            ort_logits, ort_past = onnx_lm(ids, np.ones((1, length), np.int64),
-                                           np.arange(length - ids.shape[1], length)[None], ort_past)
+            ort_logits, ort_past = onnx_lm.step(ids, ort_past)
             produced.append(int(ort_logits[0, -1].argmax()))
-            ids, length = np.array([[produced[-1]]]), length + 1
+            ids = np.array([[produced[-1]]])
         report["greedy_tokens"] = continuation
         report["greedy_identical"] = produced == reference
         if not report["greedy_identical"]:

@@ -1,0 +1,128 @@
+"""`spj-edge quantize`: every mode passes its gate on a trained nano, the known-bad recipe is caught, bad input is
+refused, and calibration really walks the KV cache."""
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import SHAKESPEARE, UD, assert_one_line_error, run_cli
+from spj_edge import contract
+from spj_edge.errors import SPJError
+from spj_edge.export import export
+from spj_edge.onnx_lm import OnnxLM
+from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, load_float_model, quantize
+
+CALIB = [UD / "en_ewt_dev.txt", UD / "fr_gsd_dev.txt", SHAKESPEARE / "val.txt"]
+
+
+@pytest.fixture(scope="module")
+def exports(nano_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    export(nano_checkpoint, root / "fused", opset=17)
+    export(nano_checkpoint, root / "plain", opset=17, fuse=False)
+    return root
+
+
+def assert_contract(path, config):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = contract.inputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    assert [i.name for i in session.get_inputs()] == [s.name for s in names]
+    outs = contract.outputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, config.vocab_size)
+    assert [o.name for o in session.get_outputs()] == [s.name for s in outs]
+
+
+def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(exports, tmp_path):
+    out = tmp_path / "int8"
+    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    gate = report["gate"]
+    assert gate["passed"] and gate["top1_agreement"] >= 0.95 and gate["bits_per_byte_increase"] <= 0.02
+    assert gate["positions"] > 1000
+    # every weight MatMul, the LM head included, runs as an int8 kernel in the graph ONNX Runtime executes
+    assert report["executed"]["integer_ops"] == {"MatMulIntegerToFloat": 9}
+    assert report["executed"]["float_weight_matmuls"] == []
+    assert "/lm_head/MatMul" in report["quantized"]
+    assert report["settings"]["calibration_samples"] >= 4 and report["target"] in ("x86-vnni", "x86", "arm64")
+    assert set(report["speed"]) == {"threads_1", "threads_2"} and report["best_threads"] in (1, 2)
+    assert report["file_bytes"]["static"] < report["file_bytes"]["float32"]
+    model = load_float_model(exports / "fused")
+    assert_contract(out / "model.onnx", model.config)
+    meta = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
+    assert meta["spj.quantization"] == "static" and meta["spj.graph"] == "fused"
+
+
+@pytest.mark.parametrize("mode, options, kernel", [
+    ("dynamic", {}, "DynamicQuantizeMatMul"),
+    ("int4", {"auto_exclude": True}, "MatMulNBits"),  # nano's 64-wide layers are hard on 4 bits: some stay float
+    ("static", {"calibration": "percentile", "per_channel": False}, "MatMulIntegerToFloat"),
+])
+def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
+    report = quantize(exports / "fused", tmp_path / mode, calib=CALIB, mode=mode, measure=False, **options)
+    assert report["gate"]["passed"] and report["gate"]["top1_agreement"] >= 0.95
+    assert report["executed"]["integer_ops"].get(kernel, 0) >= 1
+    kept = [n for n in report["excluded"] if n.startswith("/")]
+    assert sorted(kept) == sorted(report["executed"]["float_weight_matmuls"])
+    assert_contract(tmp_path / mode / "model.onnx", load_float_model(exports / "fused").config)
+
+
+def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
+    """The naive recipe (all op types, so the attention scores and the mask path too) on the plain graph."""
+    with pytest.raises(SPJError, match=r"static quantization failed the accuracy gate: .*top-1 agreement with "
+                                       r"float32 is \d+\.\d+%, under the 95\.00% required"):
+        quantize(exports / "plain", tmp_path / "bad", calib=CALIB, op_types=None, measure=False)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
+
+
+def test_calibration_feeds_prefill_then_decode_with_the_real_cache(exports):
+    model = load_float_model(exports / "fused")
+    lm = OnnxLM(model.path, model.config)
+    window = np.arange(3, 3 + PREFILL + DECODE)
+    feeds = list(iter(KVCacheCalibration(lm, [window]).get_next, None))
+    assert len(feeds) == 1 + DECODE
+    assert feeds[0]["input_ids"].shape == (1, PREFILL) and feeds[0]["past_key_values.0.key"].shape[2] == 0
+    _, past = lm.step(window[None, :PREFILL], lm.empty_past(1))
+    for k, feed in enumerate(feeds[1:6]):
+        assert feed["input_ids"].tolist() == [[window[PREFILL + k]]]
+        assert feed["position_ids"].tolist() == [[PREFILL + k]] and feed["attention_mask"].shape == (1, PREFILL + k + 1)
+        np.testing.assert_array_equal(feed["past_key_values.1.value"], past[3])
+        assert np.abs(past[3]).max() > 0
+        _, past = lm.step(feed["input_ids"], past)
+
+
+@pytest.mark.parametrize("case", ["empty-dir", "no-text", "binary", "corrupt-onnx", "foreign-onnx", "little-text"])
+def test_bad_input_is_refused_in_one_line(exports, tmp_path, case):
+    model_dir = tmp_path / "model"
+    shutil.copytree(exports / "fused", model_dir)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    fragments = []
+    if case == "empty-dir":
+        fragments = ["calib: directory has no files"]
+    elif case == "no-text":
+        (calib / "blank.txt").write_text("\n  \n")
+        fragments = ["no text found"]
+    elif case == "binary":
+        shutil.copy(SHAKESPEARE / "val.txt", calib / "a.txt")
+        (calib / "b.bin").write_bytes(bytes(range(256)))
+        fragments = ["b.bin: binary file"]
+    elif case == "little-text":
+        (calib / "a.txt").write_text("Only a few words here.")
+        fragments = ["too little"]
+    else:
+        shutil.copy(SHAKESPEARE / "val.txt", calib / "a.txt")
+        if case == "corrupt-onnx":
+            (model_dir / "model.onnx").write_bytes(b"\x08\x07garbage" * 100)
+            fragments = ["model.onnx: not a valid ONNX model"]
+        else:
+            x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+            graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "foreign", [x],
+                                           [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+            onnx.save(onnx.helper.make_model(graph), model_dir / "model.onnx")
+            fragments = ["model.onnx: inputs ['x']", "not the spj-edge ONNX contract"]
+    result = run_cli("quantize", "--model", model_dir, "--calib", calib, "--out", tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
