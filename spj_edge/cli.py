@@ -42,7 +42,8 @@ def cmd_quantize(args):
              calib_samples=args.calib_samples, calibration=args.calibration, per_channel=args.per_channel,
              exclude=tuple(args.exclude), auto_exclude=args.auto_exclude, eval_data=args.eval,
              max_bpb_increase=args.max_bpb_increase, min_agreement=args.min_agreement, block_size=args.block_size,
-             accuracy_level=args.accuracy_level, force=args.force, overwrite=args.overwrite)
+             accuracy_level=args.accuracy_level, smoothquant=args.smoothquant, force=args.force,
+             overwrite=args.overwrite)
 
 
 def cmd_demo(args):
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), help="default: the profile's")
     p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
                    help="per-channel weight scales (default: the profile's)")
+    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="static: fold SmoothQuant scales (alpha, e.g. 0.5) "
+                                                                        "from each RMSNorm into the MatMul after it")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="keep these MatMuls in float, e.g. "
                                                                              "/lm_head/MatMul")
     p.add_argument("--auto-exclude", action="store_true", help="keep the most sensitive MatMuls in float until the "

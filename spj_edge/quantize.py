@@ -14,6 +14,8 @@ not see; a model that fails it is not written (unless --force).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import platform
@@ -29,6 +31,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_dynamic, quantize_static)
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from tqdm import tqdm
 
 from . import contract
 from .data import read_texts
@@ -148,7 +151,7 @@ class KVCacheCalibration(CalibrationDataReader):
 
     def _generate(self):
         lm = self.float_lm
-        for window in self.windows:
+        for window in tqdm(self.windows, desc="calibration", unit="sample", leave=False):
             past = lm.empty_past(1)
             for ids in [window[:self.prefill], *window[self.prefill:, None]]:  # a prompt, then one token at a time
                 inputs = lm.step_inputs(ids[None], past)
@@ -219,16 +222,17 @@ def quantize_graph(source: Path, target: Path, float_model: FloatModel, settings
     p = settings.profile
     if settings.mode == "static":
         calibration.rewind()
-        quantize_static(
-            str(source), str(target), calibration, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-            nodes_to_quantize=nodes if settings.op_types == ("MatMul",) else None,
-            per_channel=settings.per_channel, reduce_range=p.reduce_range,
-            activation_type=QUANT_TYPES[p.activation_type], weight_type=QUANT_TYPES[p.weight_type],
-            calibrate_method=CALIBRATIONS[settings.calibration],
-            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"],  # float out: MatMulIntegerToFloat
-                           "CalibMaxIntermediateOutputs": 64,  # bounds the calibrator's memory
-                           "CalibPercentile": 99.999})
+        with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress on stdout
+            quantize_static(
+                str(source), str(target), calibration, quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
+                nodes_to_quantize=nodes if settings.op_types == ("MatMul",) else None,
+                per_channel=settings.per_channel, reduce_range=p.reduce_range,
+                activation_type=QUANT_TYPES[p.activation_type], weight_type=QUANT_TYPES[p.weight_type],
+                calibrate_method=CALIBRATIONS[settings.calibration],
+                extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"],  # float out: MatMulIntegerToFloat
+                               "CalibMaxIntermediateOutputs": 64,  # bounds the calibrator's memory
+                               "CalibPercentile": 99.999})
     elif settings.mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=settings.per_channel, reduce_range=p.reduce_range,
@@ -259,26 +263,67 @@ def executed_ops(path: Path) -> dict:
     return {"integer_ops": counts, "float_weight_matmuls": float_weight}
 
 
+def exposing(proto: onnx.ModelProto, tensors: list[str], config) -> OnnxLM:
+    """A driver for `proto` whose outputs also include the intermediate `tensors`."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(proto)
+    known = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors if t not in known)
+    return OnnxLM(exposed.SerializeToString(), config)
+
+
 def sensitivity_order(float_model: FloatModel, quantized: Path, window: np.ndarray) -> list[str]:
     """Weight MatMuls by the relative error of their outputs against the float model, worst first: the order in
     which --auto-exclude keeps them in float. Quantizers keep each output's tensor name, so outputs pair by name."""
     tensors = {n.output[0]: n.name for n in float_model.proto.graph.node if n.name in float_model.weight_matmuls}
 
     def values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(proto)
-        produced = {o for n in exposed.graph.node for o in n.output}
-        names = [t for t in tensors if t in produced]
-        known = {o.name for o in exposed.graph.output}
-        exposed.graph.output.extend(onnx.ValueInfoProto(name=t) for t in names if t not in known)
-        lm = OnnxLM(exposed.SerializeToString(), float_model.config)
-        return dict(zip(names, lm.session.run(names, lm.feed(*lm.step_inputs(window[None], lm.empty_past(1)),
-                                                             lm.empty_past(1)))))
+        names = [t for t in tensors if t in {o for n in proto.graph.node for o in n.output}]
+        lm = exposing(proto, names, float_model.config)
+        past = lm.empty_past(1)
+        return dict(zip(names, lm.session.run(names, lm.feed(*lm.step_inputs(window[None], past), past))))
 
     reference, candidate = values(float_model.proto), values(onnx.load(str(quantized)))
     error = {tensors[t]: float(np.linalg.norm(candidate[t] - reference[t]) / (np.linalg.norm(reference[t]) + 1e-12))
              for t in reference if t in candidate}
     return sorted(error, key=error.get, reverse=True)
+
+
+def smooth(proto: onnx.ModelProto, config, calibration: KVCacheCalibration, alpha: float) -> list[str]:
+    """SmoothQuant's scale folding, in place: for each weight MatMul fed only by an RMSNorm, divide the norm's gamma
+    by s and multiply the weight's matching rows by s, s_j = max|x_j|^α / max|W_j|^(1-α). The function is unchanged,
+    but activation outliers move into the weights, where per-channel scales absorb them. Returns the weights scaled."""
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    pairs = []  # (gamma, weight, activation)
+    for node in graph.node:
+        norm = producer.get(node.input[0]) if node.op_type == "MatMul" else None
+        if (norm is not None and node.input[1] in initializers and norm.op_type == "SkipSimplifiedLayerNormalization"
+                and norm.output[0] == node.input[0] and uses[node.input[0]] == 1 and uses.get(norm.input[2]) == 1
+                and norm.input[2] in initializers):
+            pairs.append((norm.input[2], node.input[1], node.input[0]))
+    if not pairs:
+        return []
+    lm = exposing(proto, [a for _, _, a in pairs], config)
+    names = [a for _, _, a in pairs]
+    maxima = {a: 0.0 for a in names}
+    calibration.rewind()
+    for feed in iter(calibration.get_next, None):
+        for name, value in zip(names, lm.session.run(names, feed)):
+            maxima[name] = np.maximum(maxima[name], np.abs(value).reshape(-1, value.shape[-1]).max(0))
+    for gamma_name, weight_name, activation in pairs:
+        gamma = onnx.numpy_helper.to_array(initializers[gamma_name])
+        weight = onnx.numpy_helper.to_array(initializers[weight_name])  # [in, out]
+        scale = maxima[activation] ** alpha / np.maximum(np.abs(weight).max(1), 1e-8) ** (1 - alpha)
+        scale = np.where(maxima[activation] > 0, np.clip(scale, 1e-5, None), 1.0).astype(np.float32)
+        initializers[gamma_name].CopyFrom(onnx.numpy_helper.from_array(gamma / scale, gamma_name))
+        initializers[weight_name].CopyFrom(onnx.numpy_helper.from_array(weight * scale[:, None], weight_name))
+    return [w for _, w, _ in pairs]
 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
@@ -287,7 +332,8 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
              per_channel: bool | None = None, exclude: tuple[str, ...] = (), auto_exclude: bool = False,
              eval_data: list | None = None, eval_windows: int = 24, max_bpb_increase: float = 0.02,
              min_agreement: float = 0.95, block_size: int = 32, accuracy_level: int = 4, force: bool = False,
-             overwrite: bool = False, measure: bool = True, op_types: tuple[str, ...] | None = ("MatMul",)) -> dict:
+             overwrite: bool = False, measure: bool = True, smoothquant: float | None = None,
+             op_types: tuple[str, ...] | None = ("MatMul",)) -> dict:
     """Quantize the float export in `model_dir` into `out`. `op_types` is for experiments: anything but MatMul-only
     quantizes the attention path too and fails the gate; `measure` times fp32 against the result (on by default)."""
     if mode not in MODES:
@@ -298,6 +344,8 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
         raise SPJError("--calib-samples and --eval-windows must be positive")
     if block_size < 16 or block_size & (block_size - 1):
         raise SPJError(f"--block-size must be a power of two ≥ 16, got {block_size}")
+    if smoothquant is not None and not (0 < smoothquant < 1 and mode == "static"):
+        raise SPJError(f"--smoothquant takes an alpha in (0, 1) and goes with --mode static, got {smoothquant}")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise SPJError(f"--accuracy-level must be 0-4, got {accuracy_level}")
     if not (0 <= max_bpb_increase and 0 <= min_agreement <= 1):
@@ -346,11 +394,17 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
     excluded = {n: "excluded by --exclude" for n in exclude}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepared = tmp / "prepared.onnx"
+        prepared, source, smoothed = tmp / "prepared.onnx", float_model.path, []
+        if smoothquant:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(float_model.proto)
+            smoothed = smooth(proto, cfg, calibration_reader, smoothquant)
+            source = tmp / "smoothed.onnx"
+            onnx.save(proto, str(source))
         try:
-            quant_pre_process(str(float_model.path), str(prepared))
+            quant_pre_process(str(source), str(prepared))
         except Exception:  # symbolic shape inference gives up on some traced graphs; onnx's own inference suffices
-            quant_pre_process(str(float_model.path), str(prepared), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         candidate = tmp / "model.onnx"
 
         def attempt(excluded: dict) -> dict:
@@ -401,6 +455,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
                          "block_size": block_size if mode == "int4" else None,
                          "accuracy_level": accuracy_level if mode == "int4" else None,
                          "calibration_samples": len(calib_set) if mode == "static" else 0,
+                         "smoothquant_alpha": smoothquant, "smoothed": smoothed,
                          "calibration_feeds": (f"per sample, a prefill of {calibration_reader.prefill} tokens then "
                                                f"{PREFILL + DECODE - calibration_reader.prefill} cached decode steps"
                                                if calibration_reader is not None else None)},

@@ -58,7 +58,7 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
 @pytest.mark.parametrize("mode, options, kernel", [
     ("dynamic", {}, "DynamicQuantizeMatMul"),
     ("int4", {"auto_exclude": True}, "MatMulNBits"),  # nano's 64-wide layers are hard on 4 bits: some stay float
-    ("static", {"calibration": "percentile", "per_channel": False}, "MatMulIntegerToFloat"),
+    ("static", {"calibration": "minmax", "per_channel": False, "smoothquant": 0.5}, "MatMulIntegerToFloat"),
 ])
 def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
     report = quantize(exports / "fused", tmp_path / mode, calib=CALIB, mode=mode, measure=False, **options)
@@ -70,10 +70,11 @@ def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
 
 
 def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
-    """The naive recipe (all op types, so the attention scores and the mask path too) on the plain graph."""
+    """The naive recipe (all op types, so the attention scores and the mask path too, min/max calibration) on the
+    plain graph."""
     with pytest.raises(SPJError, match=r"static quantization failed the accuracy gate: .*top-1 agreement with "
                                        r"float32 is \d+\.\d+%, under the 95\.00% required"):
-        quantize(exports / "plain", tmp_path / "bad", calib=CALIB, op_types=None, measure=False)
+        quantize(exports / "plain", tmp_path / "bad", calib=CALIB, op_types=None, calibration="minmax", measure=False)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
 
 
