@@ -401,10 +401,9 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
             smoothed = smooth(proto, cfg, calibration_reader, smoothquant)
             source = tmp / "smoothed.onnx"
             onnx.save(proto, str(source))
-        try:
-            quant_pre_process(str(source), str(prepared))
-        except Exception:  # symbolic shape inference gives up on some traced graphs; onnx's own inference suffices
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        # onnx's own shape inference suffices (the fused graph declares its contrib ops' outputs); ORT's symbolic
+        # inference gives up on traced graphs, leaving a temporary model in the working directory as it does.
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         candidate = tmp / "model.onnx"
 
         def attempt(excluded: dict) -> dict:

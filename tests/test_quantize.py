@@ -36,8 +36,9 @@ def assert_contract(path, config):
 
 def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(exports, tmp_path):
     out = tmp_path / "int8"
-    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", out)
+    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["int8"], "nothing is written outside --out"
     report = json.loads((out / "report.json").read_text())
     gate = report["gate"]
     assert gate["passed"] and gate["top1_agreement"] >= 0.95 and gate["bits_per_byte_increase"] <= 0.02
