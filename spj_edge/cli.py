@@ -46,6 +46,12 @@ def cmd_quantize(args):
              overwrite=args.overwrite)
 
 
+def cmd_package(args):
+    from .package import package
+
+    package(args.model, args.out, tar=args.tar, overwrite=args.overwrite)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -159,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write a model that fails the gate, with a warning")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_quantize)
+
+    p = verbs.add_parser("package", help="bundle an exported or quantized model for the device: model.onnx, "
+                                         "tokenizer.json and the spj.json manifest")
+    p.add_argument("--model", default="runs/onnx", help="an export or quantize output directory (default %(default)s)")
+    p.add_argument("--out", default="dist/model.spj", help="the package directory (default %(default)s)")
+    p.add_argument("--tar", action="store_true", help="write OUT.tar.gz, one file to copy, instead of the directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_package)
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")

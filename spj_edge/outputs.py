@@ -22,6 +22,7 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp's is private; an output is for others too (a service user reading a package)
     try:
         yield tmp
     except BaseException:

@@ -1,0 +1,177 @@
+"""`spj-edge package`: an exported (or quantized) model → what goes onto the device.
+
+    dist/NAME.spj/  model.onnx  tokenizer.json  spj.json        (--tar: dist/NAME.spj.tar.gz holding that folder)
+
+spj.json, the manifest, carries what the runtime needs without onnx: the model config, the graph's I/O names, opset,
+quantization mode and accuracy figures, special token ids, generation defaults and the sha256 and size of each file.
+
+The graph gets one change: a Gather of the last position in front of the LM head, so that a prompt's forward step
+computes one row of logits rather than one per prompt token (in a small model the LM head is the largest MatMul). The
+I/O names stay the contract's; `logits` becomes [batch, 1, vocab] and the manifest says `"logits": "last"`.
+
+The check: the written package is loaded by spj_edge.runtime (hashes, contract, session) and must continue a prompt
+greedily token for token as the unchanged source graph does through the same loop. A failed check writes nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from . import __version__, contract
+from .cli import add_sampling_flags
+from .errors import SPJError
+from .outputs import print_summary, read_json, refuse_existing_output, staged_dir, write_json
+from .runtime import Generator, Package
+from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
+from .tokenizer import check_matches_model, load_tokenizer, special_token_ids
+
+# The LM head as a float, QDQ, dynamic int8 or int4 graph writes it: its MatMul, what rescales an integer result, and
+# what quantizes its input. All work position by position, so the last row's logits are unchanged; only a dynamic
+# quantization's scale then comes from the last row alone, as it does in every decode step.
+HEAD_MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+HEAD_RESCALE = {"Mul", "Cast", "Add"}
+HEAD_INPUT_QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+METADATA = ("spj.config", "spj.graph", "spj.quantization")  # written by `spj-edge export` and the quantizer
+CHECK_PROMPT, CHECK_TOKENS = "Once upon a time, in a land far away,", 32
+
+
+def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = False, overwrite: bool = False) -> dict:
+    model_dir, out = Path(model_dir), Path(out)
+    target = out.with_name(f"{out.name}.tar.gz") if tar else out
+    refuse_existing_output(target, overwrite)
+    source_bytes, proto = _read_model(model_dir / MODEL)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    missing = [key for key in METADATA if key not in meta]
+    if missing:
+        raise SPJError(f"{model_dir / MODEL}: not written by spj-edge export (its metadata lacks {', '.join(missing)})")
+    config = json.loads(meta["spj.config"])
+    tokenizer = load_tokenizer(model_dir / TOKENIZER)
+    check_matches_model(tokenizer, config["vocab_size"], str(model_dir / TOKENIZER))
+    source_report = read_json(model_dir / "report.json") if (model_dir / "report.json").is_file() else {}
+
+    sliced = last_position_logits(proto, config)
+    files = {MODEL: proto.SerializeToString(), TOKENIZER: (model_dir / TOKENIZER).read_bytes()}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "model": config,
+        "graph": meta["spj.graph"],
+        "opset": next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "logits": "last" if sliced else "all",
+        "io": {"inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output]},
+        "quantization": {"mode": meta["spj.quantization"], "target": meta.get("spj.quantization_target"),
+                         "accuracy": source_report.get("gate", {})},  # the quantize stage's gate figures
+        "special_tokens": special_token_ids(tokenizer),
+        "generation": generation_defaults(),
+        "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
+        "source": {"path": str(model_dir), "stage": source_report.get("stage"),
+                   "checkpoint_sha256": meta.get("spj.source_sha256")},
+        "created_by": f"spj-edge {__version__}",
+    }
+    with _staged_tar(target, out.name) if tar else staged_dir(out) as folder:
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        write_json(folder / MANIFEST, manifest)
+        source = Generator(Package(model_dir, {**manifest, "logits": "all"}, {**files, MODEL: source_bytes}))
+        manifest["checks"] = {"source": source_report.get("checks", {}),
+                              "package": check_against_source(Generator.load(folder), source)}
+        write_json(folder / MANIFEST, manifest)  # spj.json is not hashed: it holds the hashes
+
+    checks = manifest["checks"]["package"]
+    print_summary(f"package: {model_dir} → {target}", [
+        ("graph", f"{manifest['graph']}, opset {manifest['opset']}"),
+        ("quantization", manifest["quantization"]["mode"]),
+        ("logits", "last position only" if sliced else "every position (no LM head MatMul found)"),
+        *((name, f"{entry['bytes'] / 1e6:.2f} MB") for name, entry in manifest["files"].items()),
+        ("greedy continuation", f"identical to the source graph's, {checks['greedy_tokens']} tokens")])
+    return {"stage": "package", "out": str(target), **manifest}
+
+
+def last_position_logits(proto: onnx.ModelProto, config: dict) -> bool:
+    """Feed the LM head the last position only, in place; False (graph unchanged) where no LM head is recognised.
+
+    The Gather goes on the float hidden state in front of the head, before any quantization of it, so a quantized
+    head keeps the pattern ONNX Runtime fuses (Q → DQ → MatMul, DynamicQuantizeLinear → MatMulInteger)."""
+    logits = contract.outputs(config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"],
+                              config["vocab_size"])[0].name
+    graph = proto.graph
+    head = _head_input_node(graph, logits)
+    if head is None:
+        return False
+    index = "/lm_head/last_position.index"
+    graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), index))
+    gather = helper.make_node("Gather", [head.input[0], index], ["/lm_head/last_position/Gather_output_0"],
+                              name="/lm_head/last_position/Gather", axis=1)
+    head.input[0] = gather.output[0]
+    graph.node.insert(list(graph.node).index(head), gather)
+    sequence_axis = next(o for o in graph.output if o.name == logits).type.tensor_type.shape.dim[1]
+    sequence_axis.Clear()
+    sequence_axis.dim_value = 1
+    onnx.checker.check_model(proto)
+    return True
+
+
+def _head_input_node(graph: onnx.GraphProto, logits: str) -> onnx.NodeProto | None:
+    """The node whose input 0 is the hidden state the LM head projects: from `logits` back through a quantized head's
+    rescaling to its MatMul, then through the quantization of the MatMul's input."""
+    producers = {name: node for node in graph.node for name in node.output}
+    node = producers.get(logits)
+    while node is not None and node.op_type in HEAD_RESCALE:
+        node = producers.get(node.input[0])
+    if node is None or node.op_type not in HEAD_MATMULS:
+        return None
+    while (before := producers.get(node.input[0])) is not None and before.op_type in HEAD_INPUT_QUANTIZATION:
+        node = before
+    return node
+
+
+def check_against_source(packaged: Generator, source: Generator) -> dict:
+    ids = packaged.encode(CHECK_PROMPT)
+    options = dict(max_new_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True)
+    produced, reference = list(packaged.tokens(ids, **options)), list(source.tokens(ids, **options))
+    if produced != reference:
+        first = next(i for i, (a, b) in enumerate(zip(produced, reference)) if a != b)
+        raise SPJError(f"package check failed: the packaged model's greedy continuation departs from the source "
+                       f"graph's at token {first} of {len(reference)}; nothing written")
+    return {"greedy_tokens": len(reference), "greedy_identical": True}
+
+
+def generation_defaults() -> dict:
+    """`spj-edge generate`'s sampling defaults, so the device samples as the reference does unless told otherwise."""
+    parser = argparse.ArgumentParser()
+    add_sampling_flags(parser)
+    defaults = vars(parser.parse_args([]))
+    return {key: defaults[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
+
+
+def _read_model(path: Path) -> tuple[bytes, onnx.ModelProto]:
+    if not path.is_file():
+        raise SPJError(f"{path}: no such file (expected the output of `spj-edge export`)")
+    data = path.read_bytes()
+    try:
+        return data, onnx.load_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SPJError(f"{path}: not an ONNX model ({str(e).splitlines()[0][:120]})") from None
+
+
+@contextlib.contextmanager
+def _staged_tar(target: Path, folder_name: str) -> Iterator[Path]:
+    """Like staged_dir, for a .tar.gz of one folder: `target` appears complete, or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-", dir=target.parent) as tmp:
+        folder = Path(tmp) / folder_name
+        folder.mkdir()
+        yield folder
+        archive = Path(tmp) / "package.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname=folder_name)
+        os.replace(archive, target)
