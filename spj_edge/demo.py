@@ -1,7 +1,8 @@
 """`spj-edge demo`: the whole path on real text, every stage in its own directory under --out.
 
 So far: tokenizer → teacher (trained on tinyshakespeare and the UD dev sets of five languages) → held-out bits per byte
-per language → ONNX export at opset 17 (fused graph, verified against PyTorch) → sample text.
+per language → ONNX export at opset 17 (fused graph, verified against PyTorch) → static int8 calibrated on the UD dev
+sets, gated on held-out text → package → sample text from the package through spj_edge.runtime.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import torch
 from .data import read_text, tokenize_corpus, windows
 from .errors import SPJError
 from .export import export
-from .generate import generate
 from .model import load_preset
 from .outputs import print_summary, write_json
-from .sampling import SamplingParams
+from .package import package
+from .quantize import quantize
+from .runtime import Generator
 from .tokenizer import build_tokenizer, token_byte_lengths
 from .train import TrainOptions, heldout_metrics, train
 
@@ -68,8 +70,12 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
         held = windows(tokenize_corpus([read_text(path)], tokenizer), model.config.max_position_embeddings)
         per_language[lang] = heldout_metrics(model, held, lengths, batch_size=16)["bits_per_byte"]
     export_report = export(out / "teacher", out / "onnx", opset=17, overwrite=True)
-    samples = {lang: tokenizer.decode(list(generate(model, tokenizer, prompt, plan.sample_tokens,
-                                                     SamplingParams(temperature=0.8, top_p=0.95, seed=0))))
+    calib_files = [corpus / "ud" / f"{name}_dev.txt" for name in LANGUAGES.values()]
+    int8_report = quantize(out / "onnx", out / "int8", calib=calib_files, eval_data=list(heldout_files.values()),
+                           auto_exclude=True, overwrite=True)
+    package_report = package(out / "int8", out / "dist" / "teacher-int8.spj", overwrite=True)
+    device = Generator.load(out / "dist" / "teacher-int8.spj")  # what a Pi runs: onnxruntime, numpy, tokenizers
+    samples = {lang: device.generate(prompt, max_new_tokens=plan.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
                for lang, prompt in PROMPTS.items()}
 
     report = {"stage": "demo", "quick": quick, "data": str(root), "elapsed_s": round(time.perf_counter() - started, 1),
@@ -77,6 +83,8 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
                           "tokens_per_s": teacher_report["tokens_per_s"],
                           "heldout_bits_per_byte": per_language},
               "export": {k: export_report[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
+              "int8": {k: int8_report[k] for k in ("gate", "executed", "file_bytes", "decode_speedup")},
+              "package": {"path": package_report["out"], "files": package_report["files"]},
               "samples": {lang: PROMPTS[lang] + text for lang, text in samples.items()}}
     write_json(out / "report.json", report)
     for lang, text in report["samples"].items():
