@@ -52,7 +52,11 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     assert report["file_bytes"]["static"] < report["file_bytes"]["float32"]
     model = load_float_model(exports / "fused")
     assert_contract(out / "model.onnx", model.config)
-    meta = {p.key: p.value for p in onnx.load(out / "model.onnx").metadata_props}
+    proto = onnx.load(out / "model.onnx")
+    initializers = {i.name: i for i in proto.graph.initializer}
+    assert initializers["embed_tokens.weight.int8"].data_type == onnx.TensorProto.INT8
+    assert "embed_tokens.weight" not in initializers
+    meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["spj.quantization"] == "static" and meta["spj.graph"] == "fused"
 
 
