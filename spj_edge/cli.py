@@ -23,6 +23,23 @@ def cmd_train(args):
           resume=args.resume, overwrite=args.overwrite)
 
 
+def cmd_distill(args):
+    from .distill import distill
+    from .train import TrainOptions
+
+    opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
+    distill(args.teacher, args.out, preset=args.preset, student_dir=args.student, data=args.data, opts=opts,
+            temperature=args.temperature, alpha=args.alpha, val_data=args.val_data, resume=args.resume,
+            overwrite=args.overwrite)
+
+
+def cmd_prune(args):
+    from .prune import prune
+
+    prune(args.model, args.out, ffn_ratio=args.ffn_ratio, head_ratio=args.head_ratio, importance=args.importance,
+          calib=args.calib, method=args.method, multiple=args.multiple, overwrite=args.overwrite)
+
+
 def cmd_generate(args):
     from .generate import generate_text
 
@@ -121,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/teacher")
     add_training_flags(p)
     p.set_defaults(run=cmd_train)
+
+    p = verbs.add_parser("distill", help="distill a teacher into a student by its logits (also under torchrun)")
+    p.add_argument("--teacher", default="runs/teacher", help="teacher checkpoint directory")
+    p.add_argument("--preset", help="a new student of this preset (name or models/*.json); or give --student")
+    p.add_argument("--student", help="start from this checkpoint instead, e.g. a pruned teacher")
+    p.add_argument("--temperature", type=float, default=1.0, help="softens both distributions (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="weight of cross-entropy on the data, the rest on KL to the teacher (default %(default)s)")
+    p.add_argument("--out", default="runs/student")
+    add_training_flags(p)
+    p.set_defaults(run=cmd_distill)
+
+    p = verbs.add_parser("prune", help="structured pruning: remove FFN channels and attention heads")
+    p.add_argument("--model", default="runs/teacher", help="checkpoint directory")
+    p.add_argument("--ffn-ratio", type=float, required=True, help="fraction of FFN channels to remove, in [0, 1)")
+    p.add_argument("--head-ratio", type=float, default=0.0, help="fraction of query heads to remove in each KV group")
+    p.add_argument("--importance", default="activation",
+                   help="activation: mean |activation| on --calib text (default); l1: weight norms")
+    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration text; a tenth is held out to measure on")
+    p.add_argument("--method", default="structured",
+                   help="structured (default), or magnitude: unstructured zeros, for comparison; shrinks nothing")
+    p.add_argument("--multiple", type=int, default=16, help="round the FFN width up to a multiple of this")
+    p.add_argument("--out", default="runs/pruned")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_prune)
 
     p = verbs.add_parser("generate", help="generate text with a checkpoint in PyTorch (the reference)")
     p.add_argument("--model", default="runs/teacher", help="checkpoint directory")

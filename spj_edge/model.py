@@ -163,10 +163,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def attend(q, k, v, mask):
     """Scaled dot-product attention; k and v may have fewer heads than q (GQA)."""
-    if torch.onnx.is_in_onnx_export() and k.shape[1] != q.shape[1]:
-        # The TorchScript exporter has no GQA form of SDPA: give every query head its own copy of its KV head.
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if torch.onnx.is_in_onnx_export():
+        # The TorchScript exporter has no GQA form of SDPA (it refuses enable_gqa even where q and k have as many
+        # heads): give every query head its own copy of its KV head.
+        if k.shape[1] != q.shape[1]:
+            groups = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
 
