@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import EXIT_USAGE, SPJError
+from .errors import run_command
 
 
 def cmd_tokenizer(args):
@@ -226,17 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except SPJError as e:
-        print(f"spj-edge: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # a full disk, a permission denied: name the file, skip the traceback
-        print(f"spj-edge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_command(lambda: args.run(args))
 
 
 if __name__ == "__main__":

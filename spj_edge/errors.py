@@ -5,3 +5,20 @@ EXIT_USAGE = 2  # bad input: a path, a file's contents, a flag's value (argparse
 
 class SPJError(Exception):
     """Bad input or a failed check. The message names the thing and the problem, e.g. `data/x.txt: not UTF-8 text`."""
+
+
+def run_command(action) -> int:
+    """Run a command's body: bad input ends in one line on stderr and EXIT_USAGE, never a traceback."""
+    import sys
+
+    try:
+        action()
+    except SPJError as e:
+        print(f"spj-edge: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a full disk, a permission denied, a closed pipe: name the file, skip the traceback
+        print(f"spj-edge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

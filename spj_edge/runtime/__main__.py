@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import EXIT_USAGE, SPJError
+from ..errors import run_command
 from .generator import Generator, text_pieces
 from .speed import Timing
 
@@ -53,7 +53,8 @@ def respond(generator: Generator, prompt: str, options: dict, stream: bool, verb
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def serve():
         generator = Generator.load(args.model, threads=args.threads)
         if args.verbose:
             print(generator.describe(), file=sys.stderr)
@@ -61,15 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
         for prompt in prompts:
             respond(generator, prompt, options, not args.no_stream, args.verbose)
-    except SPJError as e:
-        print(f"spj-edge: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as e:  # a missing permission, a closed pipe: name the file, skip the traceback
-        print(f"spj-edge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    return run_command(serve)
 
 
 if __name__ == "__main__":
