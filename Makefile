@@ -18,7 +18,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 demo: setup
-	$(BIN)/spj-edge demo --out runs/demo
+	$(BIN)/spj-edge demo --out runs/demo $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs dist
