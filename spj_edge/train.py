@@ -275,7 +275,7 @@ def fit(model: Transformer, tokenizer: Tokenizer, dataset: Dataset, opts: TrainO
         tokens_done += global_batch * block
         elapsed = time.perf_counter() - started
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_done / elapsed:,.0f}")
+        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
         if step % opts.eval_every == 0 or step == opts.steps:
             metrics = heldout_metrics(model, val_windows, byte_lengths, opts.batch_size, amp_dtype)
             history.append({"step": step, "train_loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
