@@ -9,15 +9,7 @@ from tokenizers import Tokenizer
 from .errors import SPJError
 from .model import Transformer
 from .sampling import Sampler, SamplingParams
-from .tokenizer import special_token_ids
-
-
-def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int) -> list[int]:
-    ids = [special_token_ids(tokenizer)["bos_token_id"], *tokenizer.encode(prompt, add_special_tokens=False).ids]
-    if len(ids) >= context:
-        raise SPJError(f"prompt is {len(ids)} tokens with <bos>; the model's context is {context}, which leaves no "
-                       "room to generate")
-    return ids
+from .tokenizer import encode_prompt, special_token_ids
 
 
 @torch.no_grad()
@@ -42,7 +34,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
     """The new ids for a prompt (prefixed with <bos>, as in training). Bad input fails here, before any work."""
     if max_new_tokens < 0:
         raise SPJError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.max_position_embeddings)
+    prompt_ids = encode_prompt(tokenizer, prompt, model.config.max_position_embeddings, model.config.bos_token_id)
     eos = None if ignore_eos else special_token_ids(tokenizer)["eos_token_id"]
     sampler = Sampler(params, vocab_limit=min(tokenizer.get_vocab_size(), model.config.vocab_size))
     return generate_ids(model, prompt_ids, max_new_tokens, sampler, eos)

@@ -65,6 +65,19 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     return lengths
 
 
+def check_prompt_fits(length: int, context: int) -> None:
+    if length >= context:
+        raise SPJError(f"prompt is {length} tokens with <bos>; the model's context is {context}, which leaves no "
+                       "room to generate")
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, bos_id: int) -> list[int]:
+    """<bos> and the prompt's tokens, as in training; refused before any work if it fills the context."""
+    ids = [bos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
+    check_prompt_fits(len(ids), context)
+    return ids
+
+
 def check_matches_model(tokenizer: Tokenizer, vocab_size: int, source: str) -> None:
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:

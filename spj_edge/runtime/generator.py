@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler, SamplingParams
+from ..tokenizer import check_prompt_fits, encode_prompt
 from .reader import MODEL, TOKENIZER, Package, read_package
 
 
@@ -70,14 +71,11 @@ class Generator:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """The ids the model is given for a prompt: <bos> and the text's tokens, or the ids as they are."""
         if isinstance(prompt, str):
-            ids = [self.bos_id, *self.tokenizer.encode(prompt, add_special_tokens=False).ids]
-        else:
-            ids = [int(i) for i in prompt]
-            if not ids or not all(0 <= i < self.vocab_size for i in ids):
-                raise SPJError(f"prompt ids must be a non-empty list of ids in [0, {self.vocab_size})")
-        if len(ids) >= self.context:
-            raise SPJError(f"prompt is {len(ids)} tokens with <bos>; the model's context is {self.context}, which "
-                           "leaves no room to generate")
+            return encode_prompt(self.tokenizer, prompt, self.context, self.bos_id)
+        ids = [int(i) for i in prompt]
+        if not ids or not all(0 <= i < self.vocab_size for i in ids):
+            raise SPJError(f"prompt ids must be a non-empty list of ids in [0, {self.vocab_size})")
+        check_prompt_fits(len(ids), self.context)
         return ids
 
     def tokens(self, prompt: str | Sequence[int], **options) -> Iterator[int]:
