@@ -69,6 +69,20 @@ def cmd_package(args):
     package(args.model, args.out, tar=args.tar, overwrite=args.overwrite)
 
 
+def cmd_eval(args):
+    from .evaluate import evaluate
+
+    evaluate(args.model, args.data, baseline=args.baseline, json_out=args.json, windows=args.windows,
+             prompts=args.prompts, new_tokens=args.new_tokens)
+
+
+def cmd_bench(args):
+    from .bench import bench
+
+    bench(args.model, torch_checkpoints=args.torch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+          repetitions=args.repetitions, threads=args.threads, json_out=args.json, chart=args.chart)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -215,6 +229,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tar", action="store_true", help="write OUT.tar.gz, one file to copy, instead of the directory")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_package)
+
+    p = verbs.add_parser("eval", help="bits per byte per language, agreement with a baseline, BLEU/ROUGE/METEOR of "
+                                      "greedy continuations")
+    p.add_argument("--model", required=True, help="a checkpoint, an ONNX export directory or a package")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text files or directories")
+    p.add_argument("--baseline", help="a second model (any kind) to compare with: top-1 agreement, continuations")
+    p.add_argument("--windows", type=int, default=32, help="scored windows per file, spread evenly (default %(default)s)")
+    p.add_argument("--prompts", type=int, default=16, help="held-out prompts per file to continue (default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (default %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures here")
+    p.set_defaults(run=cmd_eval)
+
+    p = verbs.add_parser("bench", help="decode speed, prompt time, peak memory, size and the memory-bandwidth bound")
+    p.add_argument("--model", nargs="+", action="extend", default=[], metavar="PATH",
+                   help="ONNX export directories or packages (repeatable)")
+    p.add_argument("--torch", nargs="+", action="extend", default=[], metavar="CKPT",
+                   help="checkpoints to time in PyTorch as well")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repetitions", type=int, default=5, help="interleaved across the models (default %(default)s)")
+    p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: the runtime's choice)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures here")
+    p.add_argument("--chart", metavar="PNG", help="also draw speed against size (and quality, with eval figures)")
+    p.set_defaults(run=cmd_bench)
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")
