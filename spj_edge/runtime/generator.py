@@ -109,6 +109,19 @@ class Generator:
                 break
         return self.tokenizer.decode_batch(new_ids)
 
+    def next_token_logits(self, windows: np.ndarray) -> np.ndarray:
+        """Logits [batch, length, vocab] for the token after every prefix of each row of `windows` [batch, length],
+        fed one token per step through the KV cache: what generation on the device computes, position by position
+        (a package's graph may give the last position's logits only). For `spj-edge eval`."""
+        batch, length = windows.shape
+        forward = _Step(self, batch)
+        mask = np.ones((batch, length), np.int64)
+        logits = np.empty((batch, length, self.vocab_size), np.float32)
+        for t in range(length):
+            logits[:, t] = forward(np.ascontiguousarray(windows[:, t:t + 1], np.int64), mask[:, :t + 1],
+                                   np.full((batch, 1), t, np.int64))
+        return logits
+
     def describe(self) -> str:
         m = self.manifest
         full = self.kv_bytes_per_token * self.context
