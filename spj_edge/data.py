@@ -98,6 +98,13 @@ def windows(stream: np.ndarray, block_size: int) -> np.ndarray:
     return stream[: n * (block_size + 1)].reshape(n, block_size + 1)
 
 
+def spaced_windows(stream: np.ndarray, length: int, count: int) -> list[np.ndarray]:
+    """Up to `count` non-overlapping windows spread evenly over the stream."""
+    available = len(stream) // length
+    picks = np.linspace(0, available - 1, num=min(count, available)).astype(int) if available else []
+    return [stream[i * length:(i + 1) * length] for i in np.unique(picks)]
+
+
 def build_dataset(train_stream: np.ndarray, block_size: int, seed: int, val_fraction: float,
                   val_stream: np.ndarray | None = None, source: str = "data") -> Dataset:
     """Cut the stream into windows. Held-out windows come from `val_stream` when given, else a seeded random

@@ -34,7 +34,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
 from . import contract
-from .data import read_texts
+from .data import read_texts, spaced_windows
 from .errors import SPJError
 from .model import SPJConfig
 from .onnx_lm import OnnxLM, measure_speed
@@ -131,13 +131,6 @@ def token_streams(paths: list, tokenizer, held_out_fraction: float) -> tuple[np.
         heads.append(ids[:cut])
         tails.append(ids[cut:])
     return np.concatenate(heads), np.concatenate(tails)
-
-
-def spaced_windows(stream: np.ndarray, length: int, count: int) -> list[np.ndarray]:
-    """Up to `count` non-overlapping windows spread evenly over the stream."""
-    available = len(stream) // length
-    picks = np.linspace(0, available - 1, num=min(count, available)).astype(int) if available else []
-    return [stream[i * length:(i + 1) * length] for i in np.unique(picks)]
 
 
 class KVCacheCalibration(CalibrationDataReader):
