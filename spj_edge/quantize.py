@@ -36,10 +36,11 @@ from tqdm import tqdm
 from . import contract
 from .data import read_texts, spaced_windows
 from .errors import SPJError
+from .evaluate import Figures, figures
 from .model import SPJConfig
 from .onnx_lm import OnnxLM, measure_speed
-from .outputs import print_summary, read_json, refuse_existing_output, staged_dir, write_json
-from .tokenizer import check_matches_model, load_tokenizer, token_byte_lengths
+from .outputs import print_summary, read_json, read_onnx, refuse_existing_output, staged_dir, write_json
+from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer, token_byte_lengths
 
 MODES = ("static", "dynamic", "int4")
 PROFILE_DIRS = (Path(__file__).parent / "exporters", Path(__file__).parent.parent / "exporters")
@@ -100,14 +101,7 @@ class FloatModel:
 
 def load_float_model(directory: Path) -> FloatModel:
     path = directory / "model.onnx"
-    if not directory.is_dir():
-        raise SPJError(f"{directory}: no such export directory (run spj-edge export first)")
-    if not path.is_file():
-        raise SPJError(f"{path}: no such file (run spj-edge export first)")
-    try:
-        proto = onnx.load(str(path))
-    except Exception as e:  # protobuf raises DecodeError, onnx its own: either way the file is not a model
-        raise SPJError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:100]})") from None
+    _, proto = read_onnx(directory)
     config = SPJConfig.from_hf_dict(read_json(directory / "config.json"), source=str(directory / "config.json"))
     names = [i.name for i in proto.graph.input]
     expected = [s.name for s in contract.inputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)]
@@ -159,23 +153,8 @@ class KVCacheCalibration(CalibrationDataReader):
 
 
 # --- the gate -------------------------------------------------------------------------------------------------------
-@dataclass
-class Figures:
-    bits_per_byte: float
-    top1: np.ndarray  # argmax id at every position of every window
-
-
 def heldout_figures(lm: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray) -> Figures:
-    nll, n_bytes, top1 = 0.0, 0, []
-    for window in windows:
-        logits = lm.window_logits(window).astype(np.float64)[:-1]
-        targets = window[1:]
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        nll -= log_probs[np.arange(len(targets)), targets].sum()
-        n_bytes += int(byte_lengths[targets].sum())
-        top1.append(logits.argmax(-1))
-    return Figures(nll / np.log(2) / n_bytes, np.concatenate(top1))
+    return figures(((window, lm.window_logits(window)) for window in windows), byte_lengths)
 
 
 def gate_figures(reference: Figures, candidate: Figures) -> dict:
@@ -502,7 +481,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
                                         / max(s["float32"]["decode_tokens_per_s"] for s in speed.values()))
         with staged_dir(out) as staged:
             (staged / "model.onnx").write_bytes(candidate.read_bytes())
-            tokenizer.save(str(staged / "tokenizer.json"))
+            save_tokenizer(tokenizer, staged / "tokenizer.json")
             write_json(staged / "config.json", cfg.to_hf_dict())
             write_json(staged / "report.json", report)
     if failures:
