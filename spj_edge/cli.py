@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX export directories or packages (repeatable)")
     p.add_argument("--torch", nargs="+", action="extend", default=[], metavar="CKPT",
                    help="checkpoints to time in PyTorch as well")
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt ids, fresh each repetition "
+                                                                 "(default %(default)s)")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens, EOS ignored (default %(default)s)")
     p.add_argument("--repetitions", type=int, default=5, help="interleaved across the models (default %(default)s)")
     p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: the runtime's choice)")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
