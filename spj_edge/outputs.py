@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -16,25 +20,112 @@ from .errors import SPJError
 def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty sibling directory to fill; on success it replaces `path`, on any error it is removed.
 
-    The swap is two renames (old out of the way, new into place), so at any moment `path` is either absent, the old
-    complete result or the new complete result: never a mix.
+    Where the system can swap two names atomically (Linux's renameat2), the new result and the old one trade places
+    in one step, so at any moment `path` is absent, the old complete result or the new complete result: never a mix,
+    and never absent while an old result existed. Elsewhere the swap is two renames (old out of the way, new into
+    place); a crash between them leaves the old result in a `.NAME.old-PID-*` sibling, which the next run puts back.
+
+    A SIGKILL runs no cleanup, so a killed run leaves its `.NAME.partial-PID-*` sibling behind (hidden, never read as
+    output). The next staged_dir of the same path removes the leftovers of processes no longer running: the PID in
+    the name tells a dead run's leftovers from the staging of a live concurrent run on this machine.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    remove_stale_staging(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "partial"), dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp's is private; an output is for others too (a service user reading a package)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if _exchange(tmp, path):
+        _remove(tmp)  # which now holds the old result
+        return
     old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    if path.exists() or path.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "old"), dir=path.parent))
         os.replace(path, old / path.name)
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
+    """Remove the `.NAME.partial-PID-*` and `.NAME.old-PID-*` siblings of `path` whose process is gone, first putting
+    an old result back where a crash between two renames left `path` absent. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(partial|old)-(\d+)-[^-]+")
+    try:
+        siblings = sorted(path.parent.iterdir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for sibling in siblings:
+        match = pattern.fullmatch(sibling.name)
+        if match is None or _process_running(int(match[2])):
+            continue
+        if match[1] == "old" and not (path.exists() or path.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.replace(sibling / path.name, path)
+        _remove(sibling)
+        removed.append(sibling)
+    return removed
+
+
+def _staging_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-{os.getpid()}-"
+
+
+def _process_running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # another staging of this process, e.g. in a second thread
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would terminate the process on Windows: leave the leftover alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _renameat2():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc ≥ 2.28, musl ≥ 1.2.4
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2  # <fcntl.h>, <linux/fs.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` in one atomic step. False where that cannot be done: `b` is absent, or the system
+    or the filesystem (NFS, some FUSE) lacks the call; the caller renames instead."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

@@ -30,32 +30,47 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise SPJError(message)
+        # numpy's generator takes any non-negative integer and raises a bare ValueError for a negative one
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and self.seed >= 0):
+            raise SPJError(f"seed must be an integer ≥ 0, got {self.seed}")
 
 
 class Sampler:
-    """Picks ids below `vocab_limit` (the tokenizer's size: the model's vocabulary may be padded past it)."""
+    """Picks ids below `vocab_limit` (the tokenizer's size: the model's vocabulary may be padded past it).
+
+    Any logits give an id: NaN counts as -inf, and infinite scores (an overflowing model, or a huge logit divided by a
+    tiny temperature or penalty) are handled as the limit they stand for: the +inf ids share all the mass, and where
+    every id is -inf none is preferred."""
 
     def __init__(self, params: SamplingParams, vocab_limit: int):
+        if vocab_limit < 1:
+            raise SPJError(f"vocab_limit must be ≥ 1, got {vocab_limit}")
         self.params = params
         self.vocab_limit = vocab_limit
         self.rng = np.random.default_rng(params.seed)
 
+    @np.errstate(over="ignore")  # scores that overflow to ±inf are handled as such
     def __call__(self, logits: np.ndarray, history: list[int] | np.ndarray = ()) -> int:
         p = self.params
         logits = np.asarray(logits, dtype=np.float64)[: self.vocab_limit].copy()
+        logits[np.isnan(logits)] = -np.inf
         if p.repetition_penalty != 1.0 and len(history):
-            seen = np.unique(np.asarray(history))
-            seen = seen[seen < self.vocab_limit]
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            seen = seen[(seen >= 0) & (seen < len(logits))]  # a negative id would index from the end
             # CTRL's penalty, as transformers applies it: shrink positive logits, push negative ones further down.
             logits[seen] = np.where(logits[seen] > 0, logits[seen] / p.repetition_penalty,
                                     logits[seen] * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        logits /= p.temperature
+        top = logits.max()
+        if np.isinf(top):  # +inf: those ids share the mass; -inf everywhere: no preference (inf - inf is NaN)
+            logits = np.where(logits == top, 0.0, -np.inf)
+        else:  # shifted before scaling, so a tiny temperature cannot overflow the best score: it stays 0
+            logits = (logits - top) / p.temperature
         if 0 < p.top_k < len(logits):
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
+        probs = np.exp(logits)  # the best id gets 1: the sum is ≥ 1, never 0
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(-probs, kind="stable")

@@ -1,7 +1,8 @@
 """A byte-level BPE tokenizer (Hugging Face `tokenizers`): any UTF-8 text, Chinese included, round-trips exactly.
 
 No normalizer and no prefix space: the bytes of the text are the bytes of its tokens, so bits per byte can be
-computed from per-token byte lengths and compared across tokenizers.
+computed from per-token byte lengths and compared across tokenizers. The special tokens' text (`<|eos|>` typed in a
+prompt or found in a corpus) is text too: only the code puts special ids in a sequence, never a user's text.
 """
 from __future__ import annotations
 
@@ -32,6 +33,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    return specials_as_text(tokenizer)
+
+
+def specials_as_text(tokenizer: Tokenizer) -> Tokenizer:
+    """Make `tokenizer` encode the text of its special tokens as ordinary bytes, and return it.
+
+    By default `tokenizers` turns the text `<|eos|>` into the EOS id wherever it appears, so a prompt quoting it would
+    stop generation, and decoding (which skips special ids) would drop it from the round trip. The setting is not
+    saved in tokenizer.json, so every place that makes a Tokenizer applies it."""
+    tokenizer.encode_special_tokens = True
     return tokenizer
 
 
@@ -40,7 +51,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.is_file():
         raise SPJError(f"{path}: {'is a directory, expected tokenizer.json' if path.is_dir() else 'no such file'}")
     try:
-        return Tokenizer.from_file(str(path))
+        return specials_as_text(Tokenizer.from_file(str(path)))
     except Exception as e:  # the Rust side raises a bare Exception with a serde message
         raise SPJError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
 
@@ -65,6 +76,16 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
     return lengths
 
 
+def check_utf8(text: str, what: str) -> None:
+    """A str can hold lone surrogates (from a filesystem name or stdin decoded with surrogateescape) that have no
+    UTF-8 form; `tokenizers` refuses them with a bare TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SPJError(f"{what} is not valid Unicode text: {text[e.start:e.end]!a} at character {e.start} has no "
+                       "UTF-8 form") from None
+
+
 def check_prompt_fits(length: int, context: int) -> None:
     if length >= context:
         raise SPJError(f"prompt is {length} tokens with <bos>; the model's context is {context}, which leaves no "
@@ -73,6 +94,7 @@ def check_prompt_fits(length: int, context: int) -> None:
 
 def encode_prompt(tokenizer: Tokenizer, prompt: str, context: int, bos_id: int) -> list[int]:
     """<bos> and the prompt's tokens, as in training; refused before any work if it fills the context."""
+    check_utf8(prompt, "prompt")
     ids = [bos_id, *tokenizer.encode(prompt, add_special_tokens=False).ids]
     check_prompt_fits(len(ids), context)
     return ids

@@ -36,6 +36,18 @@ def nano_checkpoint(tmp_path_factory, small_corpus) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def nano_package(nano_checkpoint, tmp_path_factory) -> Path:
+    """nano_checkpoint exported (fused graph) and packaged as a directory, for tests that need a loaded runtime."""
+    from spj_edge.export import export
+    from spj_edge.package import package
+
+    dist = tmp_path_factory.mktemp("nano-package")
+    export(nano_checkpoint, dist / "onnx")
+    package(dist / "onnx", dist / "nano.spj")
+    return dist / "nano.spj"
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`spj-edge ARGS` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "spj_edge.cli", *map(str, args)], capture_output=True, text=True,

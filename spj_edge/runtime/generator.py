@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler, SamplingParams
-from ..tokenizer import check_prompt_fits, encode_prompt
+from ..tokenizer import check_prompt_fits, encode_prompt, specials_as_text
 from .reader import MODEL, TOKENIZER, Package, read_package
 
 
@@ -245,7 +245,7 @@ def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
 
 def _tokenizer(package: Package) -> Tokenizer:
     try:
-        return Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8"))
+        return specials_as_text(Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8")))
     except Exception as e:  # the Rust side raises a bare Exception with a serde message
         reason = str(e).splitlines()[0][:120]
         raise SPJError(f"{package.source}: {TOKENIZER} is not a valid tokenizer ({reason})") from None
