@@ -152,7 +152,7 @@ def bench(models: list[str | Path], torch_checkpoints: list[str | Path] = (), *,
                            "seed": SEED, "warmup": dict(zip(("prompt_tokens", "new_tokens"), WARMUP)),
                            "kv_mean_positions": mean_positions},
               "models": rows}
-    print_table(result)
+    print_result(result)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json(json_out, result)
@@ -162,22 +162,9 @@ def bench(models: list[str | Path], torch_checkpoints: list[str | Path] = (), *,
 
 
 # --- what each model is, read in the parent ------------------------------------------------------------------------
-def model_kind(path: Path) -> str | None:
-    if not path.exists():
-        raise SPJError(f"{path}: no such file or directory")
-    if path.is_dir():
-        if (path / "spj.json").is_file():
-            return "package"
-        if (path / "model.onnx").is_file():
-            return "onnx"
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            return "torch"
-        return None
-    return "package" if tarfile.is_tarfile(path) else None
-
-
 def inspect_model(path: Path, name: str, is_torch: bool) -> Model:
     """The model's shape, file size and bytes read per token, with every check that can fail before a worker starts."""
+    from .evaluate import model_kind
     from .model import SPJConfig
     from .outputs import read_json
     from .runtime import read_package
@@ -415,30 +402,23 @@ def cpu_name() -> str:
 
 
 # --- output --------------------------------------------------------------------------------------------------------
-def print_table(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+def print_result(result: dict) -> None:
+    from .outputs import print_table
 
     machine, settings = result["machine"], result["settings"]
     with_quality = any("bits_per_byte" in r for r in result["models"].values())
-    table = Table()
-    for column in ("model", "MB", "params", "decode tok/s (min–max)", "prompt ms (min–max)", "peak RSS MB",
-                   "bound tok/s", "share", *(("bits/byte",) if with_quality else ())):
-        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column != "model")
+    rows = []
     for name, r in result["models"].items():
         (dlo, dhi), (plo, phi) = r["decode_min_max"], r["prompt_min_max"]
-        table.add_row(name, f"{r['file_bytes'] / 1e6:.2f}", f"{r['parameters'] / 1e6:.2f}M",
-                      f"{r['decode_tokens_per_s']:.1f} ({dlo:.1f}–{dhi:.1f})",
-                      f"{r['prompt_ms']:.1f} ({plo:.1f}–{phi:.1f})", f"{r['peak_rss_bytes'] / 1e6:.0f}",
-                      f"{r['roofline_tokens_per_s']:.0f}", f"{100 * r['roofline_share']:.1f} %",
-                      *((f"{r['bits_per_byte']:.3f}" if "bits_per_byte" in r else "–",) if with_quality else ()))
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a log or a pipe: rich would assume 80 columns and fold every figure
-        console = Console(stderr=True, width=180)
-    console.print(f"bench: {settings['prompt_tokens']}-token prompt, {settings['new_tokens']} new tokens, "
-                  f"{settings['repetitions']} repetitions, {_threads(machine)}; memory bandwidth "
-                  f"{machine['bandwidth_gb_s']:.1f} GB/s ({machine['cpu']})", style="bold", soft_wrap=True)
-    console.print(table)
+        rows.append((name, f"{r['file_bytes'] / 1e6:.2f}", f"{r['parameters'] / 1e6:.2f}M",
+                     f"{r['decode_tokens_per_s']:.1f} ({dlo:.1f}–{dhi:.1f})", f"{r['prompt_ms']:.1f} ({plo:.1f}–{phi:.1f})",
+                     f"{r['peak_rss_bytes'] / 1e6:.0f}", f"{r['roofline_tokens_per_s']:.0f}",
+                     f"{100 * r['roofline_share']:.1f} %", *((r.get("bits_per_byte"),) if with_quality else ())))
+    print_table(f"bench: {settings['prompt_tokens']}-token prompt, {settings['new_tokens']} new tokens, "
+                f"{settings['repetitions']} repetitions, {_threads(machine)}; memory bandwidth "
+                f"{machine['bandwidth_gb_s']:.1f} GB/s ({machine['cpu']})",
+                ["model", "MB", "params", "decode tok/s (min–max)", "prompt ms (min–max)", "peak RSS MB", "bound tok/s",
+                 "share", *(("bits/byte",) if with_quality else ())], rows)
 
 
 def _threads(machine: dict) -> str:

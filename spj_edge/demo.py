@@ -1,11 +1,10 @@
-"""`spj-edge demo`: the whole path on real text, every stage in its own directory under --out.
+"""`spj-edge demo`: the whole path on real text, every stage in its own directory under --out, and REPORT.md.
 
-tokenizer → teacher (tinyshakespeare and the UD dev sets of five languages) → two device models:
-  - a smaller student distilled from the teacher's logits;
-  - the teacher with half its FFN channels pruned, recovered by distillation;
-each → ONNX export at opset 17 (fused graph, verified against PyTorch) → static int8 calibrated on the UD dev sets and
-gated on held-out text → package; then held-out bits per byte per language, and sample text from the pruned model's
-package through spj_edge.runtime (onnxruntime, numpy, tokenizers: what a Raspberry Pi runs).
+tokenizer → teacher (tinyshakespeare and the UD dev sets of five languages) → student distilled from the teacher's
+logits → the student pruned (half its FFN channels, a third of its query heads) and recovered by distillation →
+ONNX at opset 17 (fused graph, verified against PyTorch) → static int8 calibrated on the UD dev sets and gated on
+held-out text → package → eval and bench of every stage on held-out text → sample text from the package through
+spj_edge.runtime (onnxruntime, numpy, tokenizers: what a Raspberry Pi runs).
 """
 from __future__ import annotations
 
@@ -13,25 +12,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from .checkpoint import load_model
-from .data import read_text, tokenize_corpus, windows
+from . import evaluate as ev
+from .bench import bench
 from .distill import distill
 from .errors import SPJError
 from .export import export
 from .model import load_preset
-from .outputs import print_summary, write_json
+from .outputs import print_table, write_json
 from .package import package
 from .prune import prune
 from .quantize import quantize
 from .runtime import Generator
-from .tokenizer import build_tokenizer, token_byte_lengths
-from .train import TrainOptions, heldout_metrics, train
+from .tokenizer import build_tokenizer
+from .train import TrainOptions, train
 
 LANGUAGES = {"en": "en_ewt", "fr": "fr_gsd", "de": "de_gsd", "es": "es_gsd", "zh": "zh_gsdsimp"}
 PROMPTS = {"shakespeare": "ROMEO:\n", "en": "The city council", "fr": "Le président de la", "de": "Die Stadt liegt",
            "es": "El gobierno de", "zh": "中国的"}
+DATA_HELP = ("expected corpus/tinyshakespeare/{train,val}.txt (karpathy/char-rnn's tinyshakespeare input.txt, split "
+             "90/10) and corpus/ud/{en_ewt,fr_gsd,de_gsd,es_gsd,zh_gsdsimp}_{dev,test}.txt (the `# text` lines of "
+             "those Universal Dependencies treebanks, one sentence per line); optional nltk_data/corpora/wordnet for "
+             "METEOR. Pass --data DIR laid out so, like the project's shared/data")
 
 
 @dataclass(frozen=True)
@@ -40,16 +41,30 @@ class Plan:
     student_preset: str
     vocab_size: int
     teacher: TrainOptions
-    student: TrainOptions  # the distillation of both device models
+    student: TrainOptions  # distilling the student, and recovering it after pruning
+    head_ratio: float  # of the query heads in each KV group, pruned
+    eval: ev.Settings
+    bench_new_tokens: int
+    bench_repetitions: int
     sample_tokens: int
 
 
 FULL = Plan("teacher", "student", 4096,
             TrainOptions(steps=600, batch_size=16, lr=3e-3, eval_every=200, compile=True),
-            TrainOptions(steps=200, batch_size=16, lr=2e-3, eval_every=100, compile=True), 64)
+            TrainOptions(steps=200, batch_size=16, lr=2e-3, eval_every=100, compile=True), 1 / 3,
+            ev.Settings(windows=16, prompts=16, new_tokens=24), 128, 3, 64)
 # nano is the smallest preset, so the quick student is a nano too: the path is the point, not the ratio.
 QUICK = Plan("nano", "nano", 512, TrainOptions(steps=150, batch_size=16, lr=1e-2, eval_every=75),
-             TrainOptions(steps=40, batch_size=16, lr=5e-3, eval_every=40), 32)
+             TrainOptions(steps=40, batch_size=16, lr=5e-3, eval_every=40), 0.5,
+             ev.Settings(windows=4, prompts=4, new_tokens=12), 32, 2, 32)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    path: Path
+    parent: str | None  # the stage it was made from: agreement is measured against it
+    what: str
 
 
 def find_data(data: str | Path | None) -> Path:
@@ -58,8 +73,7 @@ def find_data(data: str | Path | None) -> Path:
         if (root / "corpus" / "ud").is_dir() and (root / "corpus" / "tinyshakespeare").is_dir():
             return root
     where = data or "../shared/data"
-    raise SPJError(f"{where}: no demo data (expected corpus/tinyshakespeare/{{train,val}}.txt and "
-                   "corpus/ud/*_{dev,test}.txt; pass --data DIR, laid out like the project's shared/data)")
+    raise SPJError(f"{where}: no demo data: {DATA_HELP}")
 
 
 def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
@@ -67,57 +81,161 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
     root = find_data(data)
     corpus = root / "corpus"
     train_files = [corpus / "tinyshakespeare" / "train.txt", *(corpus / "ud" / f"{n}_dev.txt" for n in LANGUAGES.values())]
-    heldout_files = {"shakespeare": corpus / "tinyshakespeare" / "val.txt",
-                     **{lang: corpus / "ud" / f"{name}_test.txt" for lang, name in LANGUAGES.items()}}
+    calib_files = [corpus / "ud" / f"{name}_dev.txt" for name in LANGUAGES.values()]
+    heldout = {"shakespeare": corpus / "tinyshakespeare" / "val.txt",
+               **{lang: corpus / "ud" / f"{name}_test.txt" for lang, name in LANGUAGES.items()}}
+    held_out = list(heldout.values())
+    seconds: dict[str, float] = {}
     started = time.perf_counter()
 
-    tokenizer = build_tokenizer(train_files, plan.vocab_size, out / "tokenizer.json", overwrite=True)
-    held_out = list(heldout_files.values())
-    train(load_preset(plan.teacher_preset), train_files, out / "teacher", plan.teacher, tokenizer=tokenizer,
-          val_data=held_out, overwrite=True)
-    calib_files = [corpus / "ud" / f"{name}_dev.txt" for name in LANGUAGES.values()]
-    distill(out / "teacher", out / "student", preset=plan.student_preset, data=train_files, opts=plan.student,
-            val_data=held_out, overwrite=True)
-    prune(out / "teacher", out / "pruned", ffn_ratio=0.5, calib=calib_files, overwrite=True)
-    distill(out / "teacher", out / "pruned-recovered", student_dir=out / "pruned", data=train_files,
-            opts=plan.student, val_data=held_out, overwrite=True)
+    def timed(name: str, action):
+        t0 = time.perf_counter()
+        result = action()
+        seconds[name] = round(time.perf_counter() - t0, 1)
+        return result
 
-    rows = {}
-    for name in ("teacher", "student", "pruned-recovered"):
-        model = load_model(out / name)
-        lengths = torch.from_numpy(token_byte_lengths(tokenizer, model.config.vocab_size))
-        bits_per_byte = {}
-        for lang, path in heldout_files.items():
-            held = windows(tokenize_corpus([read_text(path)], tokenizer), model.config.max_position_embeddings)
-            bits_per_byte[lang] = heldout_metrics(model, held, lengths, batch_size=16)["bits_per_byte"]
-        rows[name] = {"parameters": model.config.num_parameters(), "heldout_bits_per_byte": bits_per_byte}
-        if name == "teacher":
-            continue
-        exported = export(out / name, out / f"{name}-onnx", opset=17, overwrite=True)
-        int8 = quantize(out / f"{name}-onnx", out / f"{name}-int8", calib=calib_files, eval_data=held_out,
-                        auto_exclude=True, overwrite=True)
-        packaged = package(out / f"{name}-int8", out / "dist" / f"{name}-int8.spj", overwrite=True)
-        rows[name].update(export={k: exported[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
-                          int8={k: int8[k] for k in ("gate", "executed", "file_bytes", "decode_speedup")},
-                          package={"path": packaged["out"], "files": packaged["files"]})
+    tokenizer = timed("tokenizer", lambda: build_tokenizer(train_files, plan.vocab_size, out / "tokenizer.json",
+                                                           overwrite=True))
+    timed("teacher", lambda: train(load_preset(plan.teacher_preset), train_files, out / "teacher", plan.teacher,
+                                   tokenizer=tokenizer, val_data=held_out, overwrite=True))
+    timed("student", lambda: distill(out / "teacher", out / "student", preset=plan.student_preset, data=train_files,
+                                     opts=plan.student, val_data=held_out, overwrite=True))
+    timed("pruned", lambda: prune(out / "student", out / "pruned", ffn_ratio=0.5, head_ratio=plan.head_ratio,
+                                  calib=calib_files, overwrite=True))
+    timed("pruned-recovered", lambda: distill(out / "teacher", out / "pruned-recovered", student_dir=out / "pruned",
+                                              data=train_files, opts=plan.student, val_data=held_out, overwrite=True))
+    exported = timed("onnx-fp32", lambda: export(out / "pruned-recovered", out / "onnx-fp32", opset=17, overwrite=True))
+    int8 = timed("int8", lambda: quantize(out / "onnx-fp32", out / "int8", calib=calib_files, eval_data=held_out,
+                                          auto_exclude=True, overwrite=True))
+    packaged = timed("package", lambda: package(out / "int8", out / "dist" / "model.spj", overwrite=True))
 
-    device = Generator.load(out / "dist" / "pruned-recovered-int8.spj")
-    samples = {lang: device.generate(prompt, max_new_tokens=plan.sample_tokens, temperature=0.8, top_p=0.95, seed=0)
+    stages = [
+        Stage("teacher", out / "teacher", None, f"{plan.teacher_preset} preset, {plan.teacher.steps} steps"),
+        Stage("student", out / "student", "teacher", f"{plan.student_preset} preset distilled, {plan.student.steps} steps"),
+        Stage("pruned", out / "pruned", "student", f"FFN −50%, query heads −{plan.head_ratio:.0%} per KV group"),
+        Stage("pruned-recovered", out / "pruned-recovered", "student", f"distilled {plan.student.steps} steps"),
+        Stage("onnx-fp32", out / "onnx-fp32", "pruned-recovered", "fused graph, opset 17"),
+        Stage("int8", out / "int8", "onnx-fp32", "static int8, calibrated"),
+        Stage("package", out / "dist" / "model.spj", "int8", "int8 through spj_edge.runtime"),
+    ]
+    texts = {path: path.read_text(encoding="utf-8") for path in held_out}
+    meteor = ev.wordnet_available([root / "nltk_data"])
+    results, models = {}, {}
+    for stage in stages:
+        model = ev.load_model(stage.path)
+        models[stage.name] = ev.describe(model, stage.path)
+        results[stage.name] = timed(f"eval {stage.name}", lambda: ev.run(model, texts, plan.eval, f"eval {stage.name}"))
+    evals = {s.name: ev.build_report(models[s.name], results[s.name], plan.eval, meteor,
+                                     models.get(s.parent), results.get(s.parent)) for s in stages}
+    (out / "eval").mkdir(exist_ok=True)
+    for s in stages:
+        write_json(out / "eval" / f"{s.name}.json", evals[s.name])
+
+    quality = {s.name: evals[s.name]["all"]["bits_per_byte"] for s in stages}
+    speed = timed("bench", lambda: bench(
+        [s.path for s in stages if s.name in ("onnx-fp32", "int8", "package")],
+        [s.path for s in stages if s.name not in ("onnx-fp32", "int8", "package")],
+        new_tokens=plan.bench_new_tokens, repetitions=plan.bench_repetitions, json_out=out / "bench.json",
+        chart=out / "bench.png", labels={str(s.path): s.name for s in stages}, quality=quality))
+
+    device = Generator.load(out / "dist" / "model.spj")
+    samples = {lang: PROMPTS[lang] + device.generate(prompt, max_new_tokens=plan.sample_tokens, temperature=0.8,
+                                                     top_p=0.95, seed=0)
                for lang, prompt in PROMPTS.items()}
 
+    rows = {s.name: table_row(s, evals[s.name], speed["models"][s.name], heldout) for s in stages}
     report = {"stage": "demo", "quick": quick, "data": str(root), "elapsed_s": round(time.perf_counter() - started, 1),
-              "models": rows, "samples": {lang: PROMPTS[lang] + text for lang, text in samples.items()}}
+              "seconds": seconds, "stages": {s.name: {"path": str(s.path), "made_from": s.parent, "what": s.what}
+                                             for s in stages},
+              "table": rows, "export": {k: exported[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
+              "int8": {k: int8[k] for k in ("gate", "executed", "file_bytes", "decode_speedup")},
+              "package": {"path": packaged["out"], "files": packaged["files"]},
+              "bench": {"machine": speed["machine"], "settings": speed["settings"]},
+              "eval_settings": evals["teacher"]["settings"], "samples": samples}
     write_json(out / "report.json", report)
-    for lang, text in report["samples"].items():
+    (out / "REPORT.md").write_text(markdown_report(report, out, stages, evals), encoding="utf-8")
+    for lang, text in samples.items():
         print(f"--- {lang} ---\n{text}\n")
-    summary = []
-    for name, row in rows.items():
-        bpb = row["heldout_bits_per_byte"]
-        line = f"{row['parameters']:,} params, {sum(bpb.values()) / len(bpb):.3f} bits/byte (mean of 6 held-out sets)"
-        if "int8" in row:
-            gate = row["int8"]["gate"]
-            line += (f"; int8 {row['int8']['file_bytes']['static'] / 1e6:.2f} MB, "
-                     f"{gate['top1_agreement']:.1%} agreement, {gate['bits_per_byte_increase']:+.2%} bits/byte")
-        summary.append((name, line))
-    print_summary(f"demo: {out} ({report['elapsed_s']:.0f} s)", summary)
+    print_table(f"demo: {out} ({report['elapsed_s']:.0f} s); the full report: {out / 'REPORT.md'}", COLUMNS,
+                [(name, *(format_cell(key, row[key]) for key in KEYS)) for name, row in rows.items()])
     return report
+
+
+KEYS = ("parameters", "file_mb", *PROMPTS, "agreement", "vs", "bleu", "rougeL", "meteor", "decode_tokens_per_s",
+        "roofline_share")
+COLUMNS = ["stage", "params", "MB", *(f"{k} bpb" for k in PROMPTS), "agree", "vs", "BLEU", "ROUGE-L", "METEOR",
+           "tok/s", "roofline"]
+
+
+def table_row(stage: Stage, evaluation: dict, speed: dict, heldout: dict[str, Path]) -> dict:
+    """One row of the comparison: the figures a person compares stages by."""
+    reference = evaluation["all"]["vs_reference"]
+    return {"parameters": evaluation["model"]["parameters"], "file_mb": evaluation["model"]["file_bytes"] / 1e6,
+            **{name: evaluation["files"][str(path)]["bits_per_byte"] for name, path in heldout.items()},
+            "agreement": evaluation["all"].get("top1_agreement"), "vs": stage.parent,
+            **{k: reference[k] for k in ("bleu", "rougeL", "meteor")},
+            "decode_tokens_per_s": speed["decode_tokens_per_s"], "roofline_share": speed["roofline_share"]}
+
+
+def format_cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "parameters":
+        return f"{value / 1e6:.2f}M"
+    if key in ("agreement", "roofline_share"):
+        return f"{value:.1%}"
+    if key in ("file_mb", "bleu"):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    if key == "decode_tokens_per_s":
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[str, dict]) -> str:
+    table = report["table"]
+    machine, bench_settings = report["bench"]["machine"], report["bench"]["settings"]
+    gate = report["int8"]["gate"]
+    parts = [
+        f"# spj-edge demo{' (--quick)' if report['quick'] else ''}",
+        f"The whole path on `{report['data']}` in {report['elapsed_s']:.0f} s. Every stage's output is in this folder, "
+        "each with its own `report.json`; `report.json` here holds every figure below.",
+        "## Stages",
+        markdown_table(["stage", "made from", "what", "folder", "seconds"],
+                       [[s.name, s.parent or "-", s.what, f"`{s.path.relative_to(out)}`",
+                         f"{report['seconds'][s.name]:.0f}"] for s in stages]),
+        "## Comparison",
+        "Bits per byte (bpb) on held-out text: tinyshakespeare's validation split and the UD test sets; lower is "
+        "better and comparable across tokenizers. *Agree*: top-1 next-token agreement with the stage it was made "
+        "from (*vs*). BLEU, ROUGE-L (F1) and METEOR score greedy continuations of held-out half-lines against the "
+        "other half. *tok/s*: batch-1 greedy decode, median of interleaved repetitions; *roofline*: that speed as a "
+        "share of what this machine's measured memory bandwidth allows for the bytes each token reads.",
+        markdown_table(COLUMNS, [[name, *(format_cell(k, row[k]) for k in KEYS)] for name, row in table.items()]),
+        "![decode speed against file size, coloured by bits per byte](bench.png)",
+        f"Bench: {bench_settings.get('prompt_tokens')}-token prompt, {bench_settings.get('new_tokens')} new tokens, "
+        f"{bench_settings.get('repetitions')} repetitions, {machine.get('threads')} thread(s); memory bandwidth "
+        f"{machine.get('bandwidth_gb_s', 0):.1f} GB/s. Details: `bench.json`.",
+        "## Quantization",
+        f"Static int8 against the float32 export, on held-out text: top-1 agreement {gate['top1_agreement']:.1%}, "
+        f"bits per byte {gate['bits_per_byte_float']:.4f} → {gate['bits_per_byte']:.4f} "
+        f"({gate['bits_per_byte_increase']:+.2%}).",
+        "## Continuations against the parent stage",
+        "The same metrics with the parent stage's greedy continuation as the reference: how much of the parent's "
+        "behaviour each stage keeps.",
+        markdown_table(["stage", "vs", "BLEU", "ROUGE-1", "ROUGE-2", "ROUGE-L", "METEOR"],
+                       [[s.name, s.parent, *(format_cell(k, evals[s.name]["all"]["vs_baseline"][k])
+                                             for k in ("bleu", "rouge1", "rouge2", "rougeL", "meteor"))]
+                        for s in stages if s.parent]),
+        "## Samples from the package",
+        "Through `spj_edge.runtime` (onnxruntime, numpy and tokenizers only), temperature 0.8, top-p 0.95, seed 0:",
+        *(f"**{lang}**\n\n```text\n{text}\n```" for lang, text in report["samples"].items()),
+        "## Reproduce",
+        "```sh\nmake demo            # or: spj-edge demo --out runs/demo" + (" --quick" if report["quick"] else "")
+        + "\nspj-edge eval --model runs/demo/dist/model.spj --baseline runs/demo/onnx-fp32 --data ../shared/data/corpus/ud"
+        + "\nspj-edge bench --model runs/demo/onnx-fp32 runs/demo/int8 runs/demo/dist/model.spj --chart bench.png\n```",
+    ]
+    return "\n\n".join(parts) + "\n"

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -70,7 +71,7 @@ def figures(scored: Iterable[tuple[np.ndarray, np.ndarray]], byte_lengths: np.nd
 
 # --- the three kinds of model ----------------------------------------------------------------------------------------
 class Checkpoint:
-    kind = "checkpoint"
+    kind = "torch"
 
     def __init__(self, path: Path):
         from .checkpoint import load_checkpoint
@@ -160,19 +161,30 @@ class Package:
                                           repetition_penalty=1.0))
 
 
+def model_kind(path: Path) -> str | None:
+    """"package" (a directory with spj.json, or its .tar.gz), "onnx" (an export directory), "torch" (a checkpoint),
+    or None for anything else."""
+    if not path.exists():
+        raise SPJError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "spj.json").is_file():
+            return "package"
+        if (path / "model.onnx").is_file():
+            return "onnx"
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+            return "torch"
+        return None
+    return "package" if tarfile.is_tarfile(path) else None
+
+
 def load_model(path: str | Path):
     """A checkpoint, an ONNX export directory or a package, by what the path holds."""
     path = Path(path)
-    if not path.exists():
-        raise SPJError(f"{path}: no such model (expected a checkpoint, an ONNX export directory or a package)")
-    if path.is_file() or (path / "spj.json").is_file():
-        return Package(path)
-    if (path / "model.onnx").is_file():
-        return Export(path)
-    if (path / "config.json").is_file():
-        return Checkpoint(path)
-    raise SPJError(f"{path}: not a model: expected a checkpoint (config.json, model.safetensors), an ONNX export "
-                   "(model.onnx) or a package (spj.json)")
+    kind = model_kind(path)
+    if kind is None:
+        raise SPJError(f"{path}: not a model: expected a checkpoint (config.json, model.safetensors), an ONNX export "
+                       "(model.onnx) or a package (a directory with spj.json, or its .tar.gz)")
+    return {"package": Package, "onnx": Export, "torch": Checkpoint}[kind](path)
 
 
 # --- text ------------------------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def foreign_tokenizer_checkpoint(nano_checkpoint, tmp_path_factory, small_corpus
 def test_bad_input_gives_one_line(case, kinds, tmp_path, foreign_tokenizer_checkpoint):
     model, data, extra = kinds["onnx"], UD / "en_ewt_test.txt", []
     if case == "missing model":
-        model, fragments = tmp_path / "nope", [str(tmp_path / "nope"), "no such model"]
+        model, fragments = tmp_path / "nope", [str(tmp_path / "nope"), "no such file or directory"]
     elif case == "not a model":
         model, fragments = tmp_path, [str(tmp_path), "not a model"]
     elif case == "missing data":
