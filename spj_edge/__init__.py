@@ -4,6 +4,15 @@
 names are used: `from spj_edge import SlimPajama, SPJConfig`.
 """
 
+import os
+
+# onnxruntime (1.32, Linux and macOS) writes a telemetry device id and an event database under ~/.cache as it is
+# imported, and uploads from there: a write outside the paths the user gave. Both names of its opt-out (1.32 reads the
+# first, later releases the second) are set before anything here imports it; a user's own setting wins.
+for _name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
+    os.environ.setdefault(_name, "1")
+del _name
+
 __version__ = "0.1.0"
 __all__ = ["SlimPajama", "SPJConfig"]
 

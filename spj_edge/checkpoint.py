@@ -16,10 +16,12 @@ from tokenizers import Tokenizer
 from .errors import SPJError
 from .model import SPJConfig, Transformer
 from .outputs import read_json, write_json
-from .tokenizer import check_matches_model, load_tokenizer
+from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+# What PyTorch, pickle and Lightning name their pickled weights: named in the refusal, never opened.
+PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def hf_name(name: str) -> str:
@@ -35,7 +37,7 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer: Tokenizer | 
     tensors = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
-        tokenizer.save(str(directory / "tokenizer.json"))
+        save_tokenizer(tokenizer, directory / "tokenizer.json")
     if report is not None:
         write_json(directory / "report.json", report)
 
@@ -51,13 +53,15 @@ def load_config(directory: Path) -> SPJConfig:
 def _weight_files(directory: Path) -> list[Path]:
     if (directory / WEIGHTS).is_file():
         return [directory / WEIGHTS]
+    if (directory / WEIGHTS).is_dir():
+        raise SPJError(f"{directory / WEIGHTS}: is a directory, expected a safetensors file")
     if (directory / WEIGHTS_INDEX).is_file():
         shards = sorted(set(read_json(directory / WEIGHTS_INDEX).get("weight_map", {}).values()))
         if not shards:
             raise SPJError(f"{directory / WEIGHTS_INDEX}: empty weight_map")
         return [directory / s for s in shards]
-    pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt*")]
-    hint = f" ({', '.join(pickles)} are pickles, which are never loaded)" if pickles else ""
+    pickles = sorted(p.name for pattern in PICKLES for p in directory.glob(pattern))
+    hint = f" ({', '.join(pickles)}: pickles, which are never loaded: they can run any code)" if pickles else ""
     raise SPJError(f"{directory}: no {WEIGHTS}{hint}")
 
 
@@ -70,7 +74,9 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        except OSError as e:
+            raise SPJError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (SafetensorError, ValueError, RuntimeError) as e:
             raise SPJError(f"{path}: corrupt or truncated safetensors file ({str(e).splitlines()[0][:120]})") from None
     return tensors
 

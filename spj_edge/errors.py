@@ -17,7 +17,8 @@ def run_command(action) -> int:
         print(f"spj-edge: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a full disk, a permission denied, a closed pipe: name the file, skip the traceback
-        print(f"spj-edge: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""  # the stages name their output where the OS names nothing
+        print(f"spj-edge: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

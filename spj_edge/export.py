@@ -30,6 +30,7 @@ from .model import Transformer, positions_from_mask
 from .onnx_lm import OnnxLM
 from .outputs import print_summary, refuse_existing_output, staged_dir, write_json
 from .sampling import Sampler, SamplingParams
+from .tokenizer import save_tokenizer
 
 FORMAT_VERSION = 1
 # The TorchScript exporter's SDPA needs opset 14; 20 is the newest it writes.
@@ -225,7 +226,7 @@ def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse:
     }
     with staged_dir(out) as tmp:
         (tmp / "model.onnx").write_bytes(data)
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        save_tokenizer(tokenizer, tmp / "tokenizer.json")
         write_json(tmp / "config.json", config_json)
         write_json(tmp / "report.json", report)
     print_summary(f"export: {model_dir} → {out / 'model.onnx'}", [

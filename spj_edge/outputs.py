@@ -36,8 +36,9 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp.chmod(0o755)  # mkdtemp's is private; an output is for others too (a service user reading a package)
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_output(e, path, tmp)
         raise
     if _exchange(tmp, path):
         _remove(tmp)  # which now holds the old result
@@ -49,6 +50,13 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def name_output(error: BaseException, path: Path, staging: Path) -> None:
+    """Make an OSError raised while filling `staging` (a full disk) name `path`, the output the user asked for: a
+    failed write() names no file at all, a failed open() the hidden staging folder's."""
+    if isinstance(error, OSError) and (error.filename is None or str(error.filename).startswith(str(staging))):
+        error.filename = str(path)
 
 
 def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
@@ -132,8 +140,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write JSON through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: leave no half-written temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -142,6 +154,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise SPJError(f"{path}: {'is a directory, expected a JSON file' if path.is_dir() else 'no such file'}")
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:  # unreadable input is bad input (exit 2), as for text files (data.read_text)
+        raise SPJError(f"{path}: cannot read ({e.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SPJError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
@@ -149,7 +163,34 @@ def read_json(path: str | os.PathLike) -> dict:
     return obj
 
 
+def read_onnx(directory: str | os.PathLike) -> tuple[bytes, "onnx.ModelProto"]:
+    """The bytes and the parsed graph of `directory`/model.onnx, an export's or a quantization's output."""
+    import onnx
+
+    directory = Path(directory)
+    path = directory / "model.onnx"
+    if directory.is_file():
+        raise SPJError(f"{directory}: expected an export directory (holding model.onnx), found a file")
+    if not path.is_file():
+        raise SPJError(f"{path}: no such file (expected the output of `spj-edge export`)")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SPJError(f"{path}: cannot read ({e.strerror})") from None
+    if not data:  # protobuf parses zero bytes as an empty model, which would fail later and less clearly
+        raise SPJError(f"{path}: empty file (0 bytes), expected an ONNX model")
+    try:
+        return data, onnx.load_from_string(data)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SPJError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+
+
 def refuse_existing_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output that exists (unless `overwrite`) or that can't be made: one below a file."""
+    path = Path(path)
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise SPJError(f"{blocking}: is a file, expected a directory (to hold {path})")
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise SPJError(f"{path}: already exists (pass --overwrite to replace it)")
 

@@ -30,7 +30,8 @@ from onnx import helper, numpy_helper
 from . import __version__, contract
 from .cli import add_sampling_flags
 from .errors import SPJError
-from .outputs import print_summary, read_json, refuse_existing_output, staged_dir, write_json
+from .outputs import (name_output, print_summary, read_json, read_onnx, refuse_existing_output, staged_dir,
+                      write_json)
 from .runtime import Generator, Package
 from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
 from .tokenizer import check_matches_model, load_tokenizer, special_token_ids
@@ -49,7 +50,7 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
     model_dir, out = Path(model_dir), Path(out)
     target = out.with_name(f"{out.name}.tar.gz") if tar else out
     refuse_existing_output(target, overwrite)
-    source_bytes, proto = _read_model(model_dir / MODEL)
+    source_bytes, proto = read_onnx(model_dir)
     meta = {p.key: p.value for p in proto.metadata_props}
     missing = [key for key in METADATA if key not in meta]
     if missing:
@@ -153,25 +154,19 @@ def generation_defaults() -> dict:
     return {key: defaults[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
 
 
-def _read_model(path: Path) -> tuple[bytes, onnx.ModelProto]:
-    if not path.is_file():
-        raise SPJError(f"{path}: no such file (expected the output of `spj-edge export`)")
-    data = path.read_bytes()
-    try:
-        return data, onnx.load_from_string(data)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise SPJError(f"{path}: not an ONNX model ({str(e).splitlines()[0][:120]})") from None
-
-
 @contextlib.contextmanager
 def _staged_tar(target: Path, folder_name: str) -> Iterator[Path]:
     """Like staged_dir, for a .tar.gz of one folder: `target` appears complete, or not at all."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-", dir=target.parent) as tmp:
-        folder = Path(tmp) / folder_name
-        folder.mkdir()
-        yield folder
-        archive = Path(tmp) / "package.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
-            tar.add(folder, arcname=folder_name)
-        os.replace(archive, target)
+        try:
+            folder = Path(tmp) / folder_name
+            folder.mkdir()
+            yield folder
+            archive = Path(tmp) / "package.tar.gz"
+            with tarfile.open(archive, "w:gz") as tar:
+                tar.add(folder, arcname=folder_name)
+            os.replace(archive, target)
+        except BaseException as e:
+            name_output(e, target, Path(tmp))
+            raise

@@ -6,6 +6,7 @@ prompt or found in a corpus) is text too: only the code puts special ids in a se
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -54,6 +55,12 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return specials_as_text(Tokenizer.from_file(str(path)))
     except Exception as e:  # the Rust side raises a bare Exception with a serde message
         raise SPJError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:120]})") from None
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    """tokenizer.json, byte for byte what `Tokenizer.save` writes; written from Python so that a failure (a full disk)
+    is an OSError naming the file, not the bare Exception the Rust side raises."""
+    Path(path).write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
@@ -110,8 +117,11 @@ def check_matches_model(tokenizer: Tokenizer, vocab_size: int, source: str) -> N
 def build_tokenizer(data: list, vocab_size: int, out: Path, overwrite: bool = False) -> Tokenizer:
     """The `spj-edge tokenizer` stage: train, check the round trip, report bytes per token for every file."""
     from .data import read_texts
-    from .outputs import print_summary, refuse_existing_output, write_json
+    from .outputs import name_output, print_summary, refuse_existing_output, write_json
 
+    out = Path(out)
+    if out.is_dir():
+        raise SPJError(f"{out}: is a directory, expected the path of the tokenizer.json to write")
     refuse_existing_output(out, overwrite)
     texts = read_texts(data)
     tokenizer = train_tokenizer(texts.values(), vocab_size)
@@ -123,11 +133,17 @@ def build_tokenizer(data: list, vocab_size: int, out: Path, overwrite: bool = Fa
         per_file[str(path)] = {"bytes": len(text.encode("utf-8")), "tokens": len(ids),
                                "bytes_per_token": len(text.encode("utf-8")) / len(ids)}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial")
-    tokenizer.save(str(tmp))
-    tmp.replace(out)
-    write_json(out.with_suffix(".report.json"), {"stage": "tokenizer", "vocab_size": tokenizer.get_vocab_size(),
-                                                 "special_tokens": list(SPECIAL_TOKENS), "files": per_file})
+    # The tokenizer goes into place last, after its report: a failure (a full disk) leaves neither file half-written.
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        save_tokenizer(tokenizer, tmp)
+        write_json(out.with_suffix(".report.json"), {"stage": "tokenizer", "vocab_size": tokenizer.get_vocab_size(),
+                                                     "special_tokens": list(SPECIAL_TOKENS), "files": per_file})
+        tmp.replace(out)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        name_output(e, out, tmp)
+        raise
     print_summary(f"tokenizer: {out} ({tokenizer.get_vocab_size()} tokens), bytes per token",
                   [(Path(p).name, round(f["bytes_per_token"], 2)) for p, f in per_file.items()])
     return tokenizer

@@ -61,6 +61,17 @@ class TrainOptions:
             raise SPJError(f"--lr must be a positive number, got {self.lr}")
         if self.save_every < 0:
             raise SPJError(f"--save-every must be ≥ 0, got {self.save_every}")
+        if self.warmup_steps < -1:
+            raise SPJError(f"--warmup-steps must be ≥ 0 (or -1: 5 % of the steps), got {self.warmup_steps}")
+        # A negative clip would flip the gradient's sign, a NaN decay turn every weight into NaN: refuse, don't train.
+        if not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise SPJError(f"--grad-clip must be a positive number, got {self.grad_clip}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise SPJError(f"--weight-decay must be a number ≥ 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise SPJError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.seed < 0:  # numpy's seeded permutations refuse negative seeds, with a bare ValueError
+            raise SPJError(f"--seed must be an integer ≥ 0, got {self.seed}")
         if not 0 < self.val_fraction < 1:
             raise SPJError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:
@@ -161,6 +172,10 @@ class Processes:
 
 
 # --- resumable state: safetensors + JSON, never a pickle ---------------------------------------------------------------
+STATE_KEYS = ("step", "options", "data_fingerprint", "world_size", "history", "param_groups", "optimizer_scalars",
+              "grad_scaler")  # what save_train_state writes to state.json
+
+
 def save_train_state(directory: Path, optimizer, scaler, step: int, history: list, opts: TrainOptions,
                      fingerprint: str, world: int):
     directory.mkdir(parents=True)
@@ -183,6 +198,9 @@ def save_train_state(directory: Path, optimizer, scaler, step: int, history: lis
 def load_train_state(checkpoint: Path, optimizer, scaler, opts: TrainOptions, fingerprint: str, world: int):
     directory = checkpoint / STATE_DIR
     state = read_json(directory / "state.json")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:  # a damaged or hand-edited file: say so, rather than a KeyError
+        raise SPJError(f"{directory / 'state.json'}: incomplete train state, it lacks {', '.join(missing)}")
     if state["options"] != dataclasses.asdict(opts):
         changed = [k for k, v in dataclasses.asdict(opts).items() if state["options"].get(k) != v]
         raise SPJError(f"{checkpoint}: cannot resume with different settings ({', '.join(changed)} changed)")

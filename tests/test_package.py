@@ -131,7 +131,7 @@ def test_bad_input_writes_nothing(exported, tmp_path, case):
         source, fragment = tmp_path / "nothing", "nothing/model.onnx: no such file"
     elif case == "not-onnx":
         (source / "model.onnx").write_bytes(b"\x00not a protobuf\xff" * 10)
-        fragment = "model.onnx: not an ONNX model"
+        fragment = "model.onnx: not a valid ONNX model"
     elif case == "no-metadata":
         proto = onnx.load(source / "model.onnx")
         del proto.metadata_props[:]

@@ -16,17 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ..errors import SPJError
+from ..sampling import SamplingParams
 
 MANIFEST = "spj.json"
 MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-# What the runtime reads from spj.json.
+MANIFEST_MAX_BYTES = 1 << 20  # a real one is a few KB; a crafted archive must not make us inflate gigabytes
+SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
+# What the runtime reads from spj.json, and the least value of its integers.
+INTEGERS = {
+    **{("model", key): 1 for key in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size",
+                                     "max_position_embeddings")},
+    **{("special_tokens", key): 0 for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    ("generation", "max_new_tokens"): 0, ("generation", "top_k"): 0,
+}
 REQUIRED = [
-    *(("model", key) for key in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size",
-                                 "max_position_embeddings")),
-    *(("special_tokens", key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")),
-    *(("generation", key) for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")),
+    *INTEGERS, *(("generation", key) for key in SAMPLING if ("generation", key) not in INTEGERS),
     ("graph",), ("opset",), ("quantization", "mode"),
     ("files", MODEL, "sha256"), ("files", TOKENIZER, "sha256"),
 ]
@@ -63,7 +69,7 @@ def read_package(path: str | Path) -> Package:
 
 
 def _read(source: Path, files) -> Package:
-    manifest = _parse_manifest(files.read(MANIFEST, None), files.where(MANIFEST))
+    manifest = _parse_manifest(files.read(MANIFEST, None, MANIFEST_MAX_BYTES), files.where(MANIFEST))
     verified = {}
     for name in (MODEL, TOKENIZER):
         entry = manifest["files"][name]
@@ -88,7 +94,25 @@ def _parse_manifest(data: bytes, where: str) -> dict:
     missing = [".".join(path) for path in REQUIRED if not _has(manifest, path)]
     if missing:
         raise SPJError(f"{where}: incomplete manifest, it lacks {', '.join(missing)}")
+    _check_values(manifest, where)
     return manifest
+
+
+def _check_values(manifest: dict, where: str) -> None:
+    """Values of the right kind: a damaged or hand-edited manifest fails here, naming its entry, rather than as a
+    TypeError in the middle of generation."""
+    for (section, key), least in INTEGERS.items():
+        value = manifest[section][key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise SPJError(f"{where}: {section}.{key} must be an integer ≥ {least}, got {value!r}")
+    generation = manifest["generation"]
+    for key in SAMPLING:
+        if not isinstance(generation[key], (int, float)) or isinstance(generation[key], bool):
+            raise SPJError(f"{where}: generation.{key} must be a number, got {generation[key]!r}")
+    try:
+        SamplingParams(**{key: generation[key] for key in SAMPLING})
+    except SPJError as e:
+        raise SPJError(f"{where}: generation defaults: {e}") from None
 
 
 def _has(obj, path: tuple[str, ...]) -> bool:
@@ -106,11 +130,16 @@ class _DirectoryFiles:
     def where(self, name: str) -> str:
         return str(self.root / name)
 
-    def read(self, name: str, size: int | None) -> bytes:
+    def read(self, name: str, size: int | None, most: int | None = None) -> bytes:
         path = self.root / name
         if not path.is_file():
             raise SPJError(f"{path}: missing from the package")
-        return path.read_bytes()
+        if most is not None and path.stat().st_size > most:
+            raise SPJError(f"{path}: {path.stat().st_size} bytes, more than the {most} a {name} may have")
+        try:
+            return path.read_bytes()
+        except OSError as e:  # unreadable input is bad input (exit 2), as everywhere else
+            raise SPJError(f"{path}: cannot read ({e.strerror})") from None
 
 
 class _TarFiles:
@@ -144,11 +173,15 @@ class _TarFiles:
     def where(self, name: str) -> str:
         return f"{self.path}:{self.top}/{name}"
 
-    def read(self, name: str, size: int | None) -> bytes:
+    def read(self, name: str, size: int | None, most: int | None = None) -> bytes:
         member = self.members.get(f"{self.top}/{name}")
         if member is None:
             raise SPJError(f"{self.where(name)}: missing from the package")
-        # The manifest's size is checked before reading, so a crafted archive can't make us inflate a huge member.
+        # Sizes are checked before reading (the manifest's, or a limit), so a crafted archive can't make us inflate a
+        # huge member.
+        if most is not None and member.size > most:
+            raise SPJError(f"{self.where(name)}: {member.size} bytes, more than the {most} a {name} may have; "
+                           "refusing to read it")
         if size is not None and member.size != size:
             raise SPJError(f"{self.where(name)}: {member.size} bytes where {MANIFEST} says {size}: the file was "
                            "changed or damaged after packaging; refusing to load it")
