@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import run_command
+from .errors import ArgumentParser, run_command
 
 
 def cmd_tokenizer(args):
@@ -136,7 +136,7 @@ def add_sampling_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spj-edge", description=__doc__.splitlines()[0].strip("`: "))
+    parser = ArgumentParser(prog="spj-edge", description=__doc__.splitlines()[0].strip("`: "))
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")

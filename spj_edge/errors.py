@@ -1,6 +1,16 @@
 """The one exception type a user ever sees: the CLI prints its message on one line and exits with EXIT_USAGE."""
 
+import argparse
+
 EXIT_USAGE = 2  # bad input: a path, a file's contents, a flag's value (argparse uses 2 as well)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad flag ends in one line and EXIT_USAGE like any other bad input (argparse's own
+    prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
 class SPJError(Exception):

@@ -59,6 +59,18 @@ def name_output(error: BaseException, path: Path, staging: Path) -> None:
         error.filename = str(path)
 
 
+@contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A work directory beside `path`, removed on exit. Beside it rather than in TMPDIR: a rename from it into place
+    stays on one file system, and one that a SIGKILL leaves behind is named like staged_dir's, so the next run for
+    `path` removes it (a quantizer's scratch holds whole model copies)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(path)
+    with tempfile.TemporaryDirectory(prefix=_staging_prefix(path, "partial"), dir=path.parent) as tmp:
+        yield Path(tmp)
+
+
 def remove_stale_staging(path: str | os.PathLike) -> list[Path]:
     """Remove the `.NAME.partial-PID-*` and `.NAME.old-PID-*` siblings of `path` whose process is gone, first putting
     an old result back where a crash between two renames left `path` absent. Returns what was removed."""

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -30,8 +29,8 @@ from onnx import helper, numpy_helper
 from . import __version__, contract
 from .cli import add_sampling_flags
 from .errors import SPJError
-from .outputs import (name_output, print_summary, read_json, read_onnx, refuse_existing_output, staged_dir,
-                      write_json)
+from .outputs import (name_output, print_summary, read_json, read_onnx, refuse_existing_output, scratch_dir,
+                      staged_dir, write_json)
 from .runtime import Generator, Package
 from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
 from .tokenizer import check_matches_model, load_tokenizer, special_token_ids
@@ -157,16 +156,15 @@ def generation_defaults() -> dict:
 @contextlib.contextmanager
 def _staged_tar(target: Path, folder_name: str) -> Iterator[Path]:
     """Like staged_dir, for a .tar.gz of one folder: `target` appears complete, or not at all."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.partial-", dir=target.parent) as tmp:
+    with scratch_dir(target) as tmp:
         try:
-            folder = Path(tmp) / folder_name
+            folder = tmp / folder_name
             folder.mkdir()
             yield folder
-            archive = Path(tmp) / "package.tar.gz"
+            archive = tmp / "package.tar.gz"
             with tarfile.open(archive, "w:gz") as tar:
                 tar.add(folder, arcname=folder_name)
             os.replace(archive, target)
         except BaseException as e:
-            name_output(e, target, Path(tmp))
+            name_output(e, target, tmp)
             raise

@@ -39,7 +39,8 @@ from .errors import SPJError
 from .evaluate import Figures, figures
 from .model import SPJConfig
 from .onnx_lm import OnnxLM, measure_speed
-from .outputs import print_summary, read_json, read_onnx, refuse_existing_output, staged_dir, write_json
+from .outputs import (print_summary, read_json, read_onnx, refuse_existing_output, scratch_dir, staged_dir,
+                      write_json)
 from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer, token_byte_lengths
 
 MODES = ("static", "dynamic", "int4")
@@ -250,14 +251,24 @@ def quantize_embedding(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def tempfiles_in(directory: Path):
+    """onnxruntime's quantizer writes its own copies of the model to tempfile's default folder: send them into our
+    scratch folder, so that a killed run leaves them where the next run removes them, not in TMPDIR."""
+    saved, tempfile.tempdir = tempfile.tempdir, str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
 def executed_ops(path: Path) -> dict:
     """What ONNX Runtime actually runs after its own graph fusions: the integer kernels and any MatMul still in float."""
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_name(f"{path.stem}.optimized.onnx"))
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
     weights = {i.name for i in optimized.graph.initializer}
     counts = {}
     for node in optimized.graph.node:
@@ -396,8 +407,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
         raise SPJError(f"--exclude {unknown[0]}: no such weight MatMul (e.g. /lm_head/MatMul, "
                        f"/layers.0/mlp/down_proj/MatMul)")
     excluded = {n: "excluded by --exclude" for n in exclude}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with scratch_dir(out) as tmp, tempfiles_in(tmp):
         prepared, source, smoothed = tmp / "prepared.onnx", float_model.path, []
         if smoothquant:
             proto = onnx.ModelProto()

@@ -30,7 +30,8 @@ from .data import Dataset, build_dataset, read_texts, tokenize_corpus
 from .errors import SPJError
 from .model import SPJConfig, Transformer
 from .outputs import print_summary, read_json, refuse_existing_output, staged_dir, write_json
-from .tokenizer import check_matches_model, load_tokenizer, special_token_ids, token_byte_lengths, train_tokenizer
+from .tokenizer import (check_matches_model, load_tokenizer, special_token_ids, specials_as_text, token_byte_lengths,
+                        train_tokenizer)
 
 STATE_DIR = "train_state"  # inside a checkpoint: what --resume needs beyond the weights
 
@@ -324,7 +325,7 @@ def prepare_tokenizer(texts: list[str], tokenizer_path: str | Path | None, confi
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         serialized = train_tokenizer(texts, config.vocab_size).to_str() if procs.main else None
-        tokenizer = Tokenizer.from_str(procs.broadcast(serialized))
+        tokenizer = specials_as_text(Tokenizer.from_str(procs.broadcast(serialized)))
     check_matches_model(tokenizer, config.vocab_size, str(tokenizer_path or "trained tokenizer"))
     return tokenizer
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import run_command
+from ..errors import ArgumentParser, run_command
 from .generator import Generator, text_pieces
 from .speed import Timing
 
@@ -16,7 +16,7 @@ OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalt
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m spj_edge.runtime",
+    p = ArgumentParser(prog="python -m spj_edge.runtime",
                                 description="Generate text from a spj-edge package with onnxruntime alone.")
     p.add_argument("--model", required=True, metavar="PKG", help="a package directory or its .tar.gz")
     p.add_argument("--prompt", help="the prompt (default: one prompt per line of stdin)")

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler, SamplingParams
-from ..tokenizer import check_prompt_fits, encode_prompt, specials_as_text
+from ..tokenizer import check_matches_model, check_prompt_fits, encode_prompt, specials_as_text
 from .reader import MODEL, TOKENIZER, Package, read_package
 
 
@@ -50,6 +50,7 @@ class Generator:
         self.inputs = contract.inputs(*shape)
         self.outputs = contract.outputs(*shape, self.vocab_size)
         self.tokenizer = _tokenizer(package)
+        check_matches_model(self.tokenizer, self.vocab_size, f"{package.source}: {TOKENIZER}")
         self.threads = default_threads() if threads is None else threads
         self.session = _session(package, self.threads)
         self._check_contract()
