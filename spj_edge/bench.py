@@ -449,8 +449,8 @@ def draw_chart(result: dict, path: Path) -> None:
         fig.colorbar(points, ax=ax, label="bits per byte (lower is better)")
     if (~known).any():
         ax.scatter(mb[~known], rate[~known], color="0.5", s=60, zorder=2, edgecolors="black", linewidths=0.5)
-    for name, x, y in zip(names, mb, rate):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    for i, (name, x, y) in enumerate(zip(names, mb, rate)):  # above and below in turn: neighbours often coincide
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 if i % 2 == 0 else -12), fontsize=8)
     if mb.max() / max(mb.min(), 1e-9) > 10:
         ax.set_xscale("log")
     ax.margins(x=0.25)  # room for the names of the outermost points

@@ -103,10 +103,11 @@ class Export:
         from .model import SPJConfig
         from .onnx_lm import OnnxLM
         from .outputs import read_json
-        from .tokenizer import load_tokenizer
+        from .tokenizer import check_matches_model, load_tokenizer
 
         config = SPJConfig.from_hf_dict(read_json(path / "config.json"), source=str(path / "config.json"))
         self.tokenizer = load_tokenizer(path / "tokenizer.json")
+        check_matches_model(self.tokenizer, config.vocab_size, str(path / "tokenizer.json"))
         try:
             self.lm = OnnxLM(path / "model.onnx", config)
         except Exception as e:  # onnxruntime's own exception types, multi-line
