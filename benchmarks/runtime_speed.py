@@ -8,7 +8,7 @@ PyTorch), `package` (last-position LM head, checked against the export), then sp
 greedy, EOS ignored. The prompt is real text cut to exactly --prompt ids with <bos>; the tokenizer is trained on it
 (4096 ids at most: the sampler only considers ids the tokenizer has). Repetitions alternate between thread counts and
 the median is reported. Decode speed is also put against the bound of DESIGN.md: the weights read per token (all
-but the embedding table) over one core's read bandwidth, measured here with numpy.
+but the embedding table) over one core's memory bandwidth, both as `spj-edge bench` measures them.
 Targets: small fp32 ≥ 167 tokens/s, a 32-token prompt in ≤ 20 ms; student: a new process's first token ≤ 0.5 s.
 """
 from __future__ import annotations
@@ -21,11 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
+from spj_edge.bench import memory_bandwidth_gb_s, weight_bytes_per_token
 from spj_edge.checkpoint import save_checkpoint
 from spj_edge.export import export
 from spj_edge.model import Transformer, load_preset
@@ -49,26 +48,6 @@ def build_package(preset: str, work: Path) -> tuple[Path, list[int]]:
     export(work / "checkpoint", work / "onnx")
     package(work / "onnx", work / f"{preset}.spj")
     return work / f"{preset}.spj", tokenizer.encode(text, add_special_tokens=False).ids
-
-
-def weight_bytes_per_token(model: Path) -> int:
-    """Bytes of initializers a single-token step reads: all but the tables only a Gather indexes (the embedding)."""
-    graph = onnx.load(model).graph
-    gathered = {n.input[0] for n in graph.node if n.op_type == "Gather"}
-    multiplied = {name for n in graph.node if n.op_type != "Gather" for name in n.input}
-    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer
-               if t.name not in gathered or t.name in multiplied)
-
-
-def read_bandwidth_gbs(size: int = 1 << 29) -> float:
-    """One core's read bandwidth from memory, over a buffer far larger than the caches (numpy sum, best of 5)."""
-    data = np.ones(size // 8)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size / best / 1e9
 
 
 def main():
@@ -95,12 +74,12 @@ def main():
                 # take cores from this one (a 1-thread prompt measured 41 ms instead of 26 without the pause)
                 time.sleep(0.2)
                 runs[t].append(measure(g, prompt, args.new))
-        read_per_token = weight_bytes_per_token(pkg / "model.onnx")
-        bandwidth = read_bandwidth_gbs()
+        read_per_token = weight_bytes_per_token(onnx.load(pkg / "model.onnx").graph)
+        bandwidth = memory_bandwidth_gb_s(threads=1)
         result = {"preset": args.preset, "prompt_tokens": len(prompt), "new_tokens": args.new,
                   "model_mb": round((pkg / "model.onnx").stat().st_size / 1e6, 1),
                   "weights_read_per_token_mb": round(read_per_token / 1e6, 1), "default_threads": default_threads(),
-                  "read_bandwidth_gb_s": round(bandwidth, 1), "threads": {}}
+                  "bandwidth_gb_s": round(bandwidth, 1), "threads": {}}
         for t, timings in runs.items():
             rate = statistics.median(r.tokens_per_s for r in timings)
             result["threads"][t] = {
@@ -108,7 +87,7 @@ def main():
                 "decode_min_max": [round(min(r.tokens_per_s for r in timings), 1),
                                    round(max(r.tokens_per_s for r in timings), 1)],
                 "prompt_ms": round(statistics.median(r.prompt_ms for r in timings), 2),
-                # weights read per second at this rate, against one core's read bandwidth
+                # weights read per second at this rate, against one core's memory bandwidth
                 "weights_gb_s": round(read_per_token * rate / 1e9, 1),
                 "of_bandwidth_bound": round(read_per_token * rate / 1e9 / bandwidth, 2)}
         if args.first_token:
