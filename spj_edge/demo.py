@@ -18,7 +18,7 @@ from .distill import distill
 from .errors import SPJError
 from .export import export
 from .model import load_preset
-from .outputs import print_table, write_json
+from .outputs import print_table, write_json, write_text
 from .package import package
 from .prune import prune
 from .quantize import quantize
@@ -27,6 +27,7 @@ from .tokenizer import build_tokenizer
 from .train import TrainOptions, train
 
 LANGUAGES = {"en": "en_ewt", "fr": "fr_gsd", "de": "de_gsd", "es": "es_gsd", "zh": "zh_gsdsimp"}
+HELDOUT = ("shakespeare", *LANGUAGES)  # tinyshakespeare's val split, and each language's UD test set
 PROMPTS = {"shakespeare": "ROMEO:\n", "en": "The city council", "fr": "Le président de la", "de": "Die Stadt liegt",
            "es": "El gobierno de", "zh": "中国的"}
 DATA_HELP = ("expected corpus/tinyshakespeare/{train,val}.txt (karpathy/char-rnn's tinyshakespeare input.txt, split "
@@ -82,8 +83,8 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
     corpus = root / "corpus"
     train_files = [corpus / "tinyshakespeare" / "train.txt", *(corpus / "ud" / f"{n}_dev.txt" for n in LANGUAGES.values())]
     calib_files = [corpus / "ud" / f"{name}_dev.txt" for name in LANGUAGES.values()]
-    heldout = {"shakespeare": corpus / "tinyshakespeare" / "val.txt",
-               **{lang: corpus / "ud" / f"{name}_test.txt" for lang, name in LANGUAGES.items()}}
+    heldout = dict(zip(HELDOUT, [corpus / "tinyshakespeare" / "val.txt",
+                                 *(corpus / "ud" / f"{name}_test.txt" for name in LANGUAGES.values())]))
     held_out = list(heldout.values())
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -153,7 +154,7 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
               "bench": {"machine": speed["machine"], "settings": speed["settings"]},
               "eval_settings": evals["teacher"]["settings"], "samples": samples}
     write_json(out / "report.json", report)
-    (out / "REPORT.md").write_text(markdown_report(report, out, stages, evals), encoding="utf-8")
+    write_text(out / "REPORT.md", markdown_report(report, out, stages, evals))
     for lang, text in samples.items():
         print(f"--- {lang} ---\n{text}\n")
     print_table(f"demo: {out} ({report['elapsed_s']:.0f} s); the full report: {out / 'REPORT.md'}", COLUMNS,
@@ -161,9 +162,9 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
     return report
 
 
-KEYS = ("parameters", "file_mb", *PROMPTS, "agreement", "vs", "bleu", "rougeL", "meteor", "decode_tokens_per_s",
+KEYS = ("parameters", "file_mb", *HELDOUT, "agreement", "vs", "bleu", "rougeL", "meteor", "decode_tokens_per_s",
         "roofline_share")
-COLUMNS = ["stage", "params", "MB", *(f"{k} bpb" for k in PROMPTS), "agree", "vs", "BLEU", "ROUGE-L", "METEOR",
+COLUMNS = ["stage", "params", "MB", *(f"{k} bpb" for k in HELDOUT), "agree", "vs", "BLEU", "ROUGE-L", "METEOR",
            "tok/s", "roofline"]
 
 
@@ -216,9 +217,9 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         "share of what this machine's measured memory bandwidth allows for the bytes each token reads.",
         markdown_table(COLUMNS, [[name, *(format_cell(k, row[k]) for k in KEYS)] for name, row in table.items()]),
         "![decode speed against file size, coloured by bits per byte](bench.png)",
-        f"Bench: {bench_settings.get('prompt_tokens')}-token prompt, {bench_settings.get('new_tokens')} new tokens, "
-        f"{bench_settings.get('repetitions')} repetitions, {machine.get('threads')} thread(s); memory bandwidth "
-        f"{machine.get('bandwidth_gb_s', 0):.1f} GB/s. Details: `bench.json`.",
+        f"Bench: {bench_settings['prompt_tokens']}-token prompt, {bench_settings['new_tokens']} new tokens, "
+        f"{bench_settings['repetitions']} repetitions, {machine['threads']} thread(s); memory bandwidth "
+        f"{machine['bandwidth_gb_s']:.1f} GB/s. Details: `bench.json`.",
         "## Quantization",
         f"Static int8 against the float32 export, on held-out text: top-1 agreement {gate['top1_agreement']:.1%}, "
         f"bits per byte {gate['bits_per_byte_float']:.4f} → {gate['bits_per_byte']:.4f} "

@@ -149,11 +149,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    """Write JSON through a temporary file and a rename."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write UTF-8 text through a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:  # a full disk: leave no half-written temporary behind
         tmp.unlink(missing_ok=True)
