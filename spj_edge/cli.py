@@ -136,7 +136,9 @@ def add_sampling_flags(p: argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="spj-edge", description=__doc__.splitlines()[0].strip("`: "))
+    parser = ArgumentParser(prog="spj-edge", description="Train, distill, prune, export, quantize, package, evaluate "
+                                                         "and benchmark small Llama-style models for CPUs and the "
+                                                         "Raspberry Pi.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = verbs.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
