@@ -166,7 +166,7 @@ def inspect_model(path: Path, name: str, is_torch: bool) -> Model:
     """The model's shape, file size and bytes read per token, with every check that can fail before a worker starts."""
     from .evaluate import model_kind
     from .model import SPJConfig
-    from .outputs import read_json
+    from .outputs import parse_onnx, read_json, read_onnx
     from .runtime import read_package
 
     kind = model_kind(path)
@@ -183,14 +183,14 @@ def inspect_model(path: Path, name: str, is_torch: bool) -> Model:
     elif kind == "package":
         package = read_package(path)  # verifies the hashes: a damaged package fails here, not in a worker
         config, source = package.config, f"{path}: spj.json"
-        proto = _parse_onnx(package.files["model.onnx"], f"{path}: model.onnx")
+        proto = parse_onnx(package.files["model.onnx"], f"{path}: model.onnx")
         file_bytes = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir()
                                                                        if f.is_file())
     else:
         if not (path / "config.json").is_file():
             raise SPJError(f"{path}: no config.json beside model.onnx (expected {EXPECTED})")
         config, source = read_json(path / "config.json"), path / "config.json"
-        proto = _parse_onnx((path / "model.onnx").read_bytes(), path / "model.onnx")
+        _, proto = read_onnx(path)
         file_bytes = (path / "model.onnx").stat().st_size
     cfg = SPJConfig.from_hf_dict(config, source=str(source))
     if proto is None:  # float32 parameters: the embedding table is read one row a token, a tied head in full
@@ -201,19 +201,6 @@ def inspect_model(path: Path, name: str, is_torch: bool) -> Model:
         weights = weight_bytes_per_token(proto.graph)
     return Model(name, path, kind, {**config, "head_dim": cfg.head_dim}, cfg.max_position_embeddings, file_bytes,
                  cfg.num_parameters(), weights, 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4)
-
-
-def _parse_onnx(data: bytes, where):
-    import onnx
-
-    try:
-        proto = onnx.load_model_from_string(data)
-    except Exception as e:  # protobuf's DecodeError and friends
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise SPJError(f"{where}: not a valid ONNX model ({reason})") from None
-    if not proto.graph.node:
-        raise SPJError(f"{where}: not a valid ONNX model (an empty graph)")
-    return proto
 
 
 def weight_bytes_per_token(graph) -> int:

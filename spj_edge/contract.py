@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import SPJError
+
 # Axis names, shared by every tensor that has them.
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 
@@ -45,3 +47,11 @@ def past_name(layer: int, kind: str) -> str:
 
 def present_name(layer: int, kind: str) -> str:
     return f"present.{layer}.{kind}"
+
+
+def check_inputs(names: list[str], num_layers: int, kv_heads: int, head_dim: int, where: str) -> None:
+    """Refuse a graph whose inputs are not this table's for the model's shape: a foreign model, or another config's."""
+    expected = [s.name for s in inputs(num_layers, kv_heads, head_dim)]
+    if list(names) != expected:
+        raise SPJError(f"{where}: inputs {list(names)[:4]}… are not the spj-edge ONNX contract for its config "
+                       f"({expected[:4]}…)")

@@ -113,12 +113,8 @@ class Export:
         except Exception as e:  # onnxruntime's own exception types, multi-line
             raise SPJError(f"{path / 'model.onnx'}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") \
                 from None
-        names = [i.name for i in self.lm.session.get_inputs()]
-        expected = [s.name for s in contract.inputs(config.num_hidden_layers, config.num_key_value_heads,
-                                                    config.head_dim)]
-        if names != expected:
-            raise SPJError(f"{path / 'model.onnx'}: inputs {names[:3]}… are not the spj-edge ONNX contract for "
-                           f"config.json ({expected[:3]}…)")
+        contract.check_inputs([i.name for i in self.lm.session.get_inputs()], config.num_hidden_layers,
+                              config.num_key_value_heads, config.head_dim, str(path / "model.onnx"))
         self.context, self.vocab_size = config.max_position_embeddings, config.vocab_size
         self.parameters = config.num_parameters()
         self.file_bytes = (path / "model.onnx").stat().st_size

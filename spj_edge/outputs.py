@@ -181,8 +181,6 @@ def read_json(path: str | os.PathLike) -> dict:
 
 def read_onnx(directory: str | os.PathLike) -> tuple[bytes, "onnx.ModelProto"]:
     """The bytes and the parsed graph of `directory`/model.onnx, an export's or a quantization's output."""
-    import onnx
-
     directory = Path(directory)
     path = directory / "model.onnx"
     if directory.is_file():
@@ -195,10 +193,20 @@ def read_onnx(directory: str | os.PathLike) -> tuple[bytes, "onnx.ModelProto"]:
         raise SPJError(f"{path}: cannot read ({e.strerror})") from None
     if not data:  # protobuf parses zero bytes as an empty model, which would fail later and less clearly
         raise SPJError(f"{path}: empty file (0 bytes), expected an ONNX model")
+    return data, parse_onnx(data, path)
+
+
+def parse_onnx(data: bytes, where) -> "onnx.ModelProto":
+    import onnx
+
     try:
-        return data, onnx.load_from_string(data)
+        proto = onnx.load_from_string(data)
     except Exception as e:  # protobuf's DecodeError and friends
-        raise SPJError(f"{path}: not a valid ONNX model ({str(e).splitlines()[0][:120]})") from None
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise SPJError(f"{where}: not a valid ONNX model ({reason})") from None
+    if not proto.graph.node:
+        raise SPJError(f"{where}: not a valid ONNX model (an empty graph)")
+    return proto
 
 
 def refuse_existing_output(path: Path, overwrite: bool) -> None:

@@ -104,10 +104,8 @@ def load_float_model(directory: Path) -> FloatModel:
     path = directory / "model.onnx"
     _, proto = read_onnx(directory)
     config = SPJConfig.from_hf_dict(read_json(directory / "config.json"), source=str(directory / "config.json"))
-    names = [i.name for i in proto.graph.input]
-    expected = [s.name for s in contract.inputs(config.num_hidden_layers, config.num_key_value_heads, config.head_dim)]
-    if names != expected:
-        raise SPJError(f"{path}: inputs {names[:4]}… are not the spj-edge ONNX contract ({expected[:4]}…)")
+    contract.check_inputs([i.name for i in proto.graph.input], config.num_hidden_layers, config.num_key_value_heads,
+                          config.head_dim, str(path))
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("spj.quantization", "none") != "none":
         raise SPJError(f"{path}: already quantized ({meta['spj.quantization']}); quantize the float export")
