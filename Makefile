@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-slow test-all demo clean
 
 setup: $(STAMP)
 
@@ -14,8 +14,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[toolchain,dev]"
 	touch $(STAMP)
 
+# The fast tier: tiny models, a few steps each.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# The slow tier alone: the real model, the demo, the README tour, DDP, SIGKILL trials, emulated ARM, properties.
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: test test-slow
 
 demo: setup
 	$(BIN)/spj-edge demo --out runs/demo $(DEMO_FLAGS)

@@ -16,7 +16,8 @@ def cmd_tokenizer(args):
 
 def cmd_train(args):
     from .model import load_preset
-    from .train import TrainOptions, train
+    from .options import TrainOptions
+    from .train import train
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
     train(load_preset(args.preset), args.data, args.out, opts, tokenizer=args.tokenizer, val_data=args.val_data,
@@ -25,7 +26,7 @@ def cmd_train(args):
 
 def cmd_distill(args):
     from .distill import distill
-    from .train import TrainOptions
+    from .options import TrainOptions
 
     opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
     distill(args.teacher, args.out, preset=args.preset, student_dir=args.student, data=args.data, opts=opts,
@@ -101,7 +102,7 @@ TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weigh
 
 
 def add_training_flags(p: argparse.ArgumentParser):
-    from .train import PRECISIONS, TrainOptions
+    from .options import PRECISIONS, TrainOptions
 
     d = TrainOptions()
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or directories (recursive)")

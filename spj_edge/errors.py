@@ -30,6 +30,13 @@ def run_command(action) -> int:
         where = f"{e.filename}: " if e.filename else ""  # the stages name their output where the OS names nothing
         print(f"spj-edge: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:
+        if not e.name or e.name.partition(".")[0] == "spj_edge":
+            raise
+        # `pip install spj-edge` is the device runtime alone; the verbs that train, export or measure need the rest
+        print(f"spj-edge: error: this needs {e.name.partition('.')[0]}, which the runtime-only install leaves out: "
+              "pip install 'spj-edge[toolchain]'", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
     return 0

@@ -22,6 +22,8 @@ from spj_edge.outputs import write_json
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 
+pytestmark = pytest.mark.slow
+
 TOOLS = REPO.parent / "shared" / "tools" / "arm64"
 EMULATOR = REPO / ".pi4"  # git-ignored; setup.sh is idempotent, later runs only look for updates
 REQUIREMENTS = REPO / "runtimes" / "raspberry-pi" / "requirements-pi.txt"

@@ -2,9 +2,13 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import SHARED_DATA, assert_one_line_error, run_cli
 from spj_edge.demo import COLUMNS, HELDOUT, PROMPTS
 from spj_edge.runtime import Generator
+
+pytestmark = pytest.mark.slow
 
 STAGES = ["teacher", "student", "pruned", "pruned-recovered", "onnx-fp32", "int8", "package"]
 

@@ -13,6 +13,8 @@ from conftest import LANGUAGES, SHAKESPEARE, UD
 from spj_edge.errors import SPJError
 from spj_edge.runtime import Generator
 from spj_edge.sampling import Sampler, SamplingParams
+
+pytestmark = pytest.mark.slow
 from spj_edge.tokenizer import SPECIAL_TOKENS, encode_prompt, special_token_ids, train_tokenizer
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from spj_edge.runtime import Generator
 
+pytestmark = pytest.mark.slow
+
 THREADS, PER_THREAD = 16, 25
 PROMPTS = ["First Citizen:\nBefore we proceed any further, hear me speak.", "Le chat est", "我们的", "Der Hund",
            "El", ""]
