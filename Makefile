@@ -25,7 +25,7 @@ test-slow: setup
 test-all: test test-slow
 
 demo: setup
-	$(BIN)/spj-edge demo --out runs/demo $(DEMO_FLAGS)
+	$(BIN)/spj-edge demo $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(VENV) runs dist

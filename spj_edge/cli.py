@@ -87,7 +87,7 @@ def cmd_bench(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(data=args.data, out=Path(args.out), quick=args.quick)
+    run_demo(data=args.data, out=args.out, quick=args.quick, overwrite=args.overwrite)
 
 
 def sampling_params(args):
@@ -260,8 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="tiny settings: a couple of minutes")
+    p.add_argument("--out", help="default: runs/demo, or runs/demo-quick with --quick")
+    p.add_argument("--quick", action="store_true", help="tiny models, the same path: about QUICK_TIME on 2 cores")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds a run of the other mode "
+                                                            "or files that are no demo's")
     p.set_defaults(run=cmd_demo)
     return parser
 

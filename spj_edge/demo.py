@@ -8,6 +8,8 @@ spj_edge.runtime (onnxruntime, numpy, tokenizers: what a Raspberry Pi runs).
 """
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ from .distill import distill
 from .errors import SPJError
 from .export import export
 from .model import load_preset
-from .outputs import print_table, write_json, write_text
+from .outputs import claim_output_dir, print_table, write_json, write_text
 from .package import package
 from .prune import prune
 from .quantize import quantize
@@ -77,9 +79,33 @@ def find_data(data: str | Path | None) -> Path:
     raise SPJError(f"{where}: no demo data: {DATA_HELP}")
 
 
-def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
+def default_out(quick: bool) -> Path:
+    return Path("runs/demo-quick" if quick else "runs/demo")
+
+
+def refuse_other_run(out: Path, quick: bool, overwrite: bool) -> None:
+    """A rerun replaces the same kind of demo; anything else in `out` (a finished run of the other mode, or files
+    that are no demo's) is kept unless --overwrite says otherwise."""
+    if overwrite or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        previous = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if not isinstance(previous, dict) or previous.get("stage") != "demo":
+        raise SPJError(f"{out}: already exists and is not a demo's output (pass --overwrite to replace it)")
+    if previous.get("quick") != quick:
+        other, mode = ("--quick", "full") if previous.get("quick") else ("full", "--quick")
+        raise SPJError(f"{out}: holds a finished {other} demo, which a {mode} one would replace (pass --overwrite, "
+                       "or another --out)")
+
+
+def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = False, overwrite: bool = False) -> dict:
     plan = QUICK if quick else FULL
+    out = default_out(quick) if out is None else Path(out)
     root = find_data(data)
+    refuse_other_run(out, quick, overwrite)
+    claim_output_dir(out, [root], overwrite=True)  # even with --overwrite, never a folder that spj-edge did not write
     corpus = root / "corpus"
     train_files = [corpus / "tinyshakespeare" / "train.txt", *(corpus / "ud" / f"{n}_dev.txt" for n in LANGUAGES.values())]
     calib_files = [corpus / "ud" / f"{name}_dev.txt" for name in LANGUAGES.values()]
@@ -88,8 +114,19 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
     held_out = list(heldout.values())
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    stages = [
+        Stage("teacher", out / "teacher", None, f"{plan.teacher_preset} preset, {plan.teacher.steps} steps"),
+        Stage("student", out / "student", "teacher", f"{plan.student_preset} preset distilled, {plan.student.steps} steps"),
+        Stage("pruned", out / "pruned", "student", f"FFN −50%, query heads −{plan.head_ratio:.0%} per KV group"),
+        Stage("pruned-recovered", out / "pruned-recovered", "student", f"distilled {plan.student.steps} steps"),
+        Stage("onnx-fp32", out / "onnx-fp32", "pruned-recovered", "fused graph, opset 17"),
+        Stage("int8", out / "int8", "onnx-fp32", "static int8, calibrated"),
+        Stage("package", out / "dist" / "model.spj", "int8", "int8 through spj_edge.runtime"),
+    ]
+    total = 1 + 2 * len(stages) + 2  # the tokenizer, each stage built then evaluated, the bench, the samples
 
     def timed(name: str, action):
+        print(f"demo: stage {len(seconds) + 1} of {total}: {name}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         result = action()
         seconds[name] = round(time.perf_counter() - t0, 1)
@@ -110,15 +147,6 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
                                           auto_exclude=True, overwrite=True))
     packaged = timed("package", lambda: package(out / "int8", out / "dist" / "model.spj", overwrite=True))
 
-    stages = [
-        Stage("teacher", out / "teacher", None, f"{plan.teacher_preset} preset, {plan.teacher.steps} steps"),
-        Stage("student", out / "student", "teacher", f"{plan.student_preset} preset distilled, {plan.student.steps} steps"),
-        Stage("pruned", out / "pruned", "student", f"FFN −50%, query heads −{plan.head_ratio:.0%} per KV group"),
-        Stage("pruned-recovered", out / "pruned-recovered", "student", f"distilled {plan.student.steps} steps"),
-        Stage("onnx-fp32", out / "onnx-fp32", "pruned-recovered", "fused graph, opset 17"),
-        Stage("int8", out / "int8", "onnx-fp32", "static int8, calibrated"),
-        Stage("package", out / "dist" / "model.spj", "int8", "int8 through spj_edge.runtime"),
-    ]
     texts = {path: path.read_text(encoding="utf-8") for path in held_out}
     meteor = ev.wordnet_available([root / "nltk_data"])
     results, models = {}, {}
@@ -140,12 +168,15 @@ def run_demo(data: str | Path | None, out: Path, quick: bool = False) -> dict:
         chart=out / "bench.png", labels={str(s.path): s.name for s in stages}, quality=quality))
 
     device = Generator.load(out / "dist" / "model.spj")
-    samples = {lang: PROMPTS[lang] + device.generate(prompt, max_new_tokens=plan.sample_tokens, temperature=0.8,
-                                                     top_p=0.95, seed=0)
-               for lang, prompt in PROMPTS.items()}
+    samples = timed("samples", lambda: {
+        lang: PROMPTS[lang] + device.generate(prompt, max_new_tokens=plan.sample_tokens, temperature=0.8, top_p=0.95,
+                                              seed=0)
+        for lang, prompt in PROMPTS.items()})
 
     rows = {s.name: table_row(s, evals[s.name], speed["models"][s.name], heldout) for s in stages}
     report = {"stage": "demo", "quick": quick, "data": str(root), "elapsed_s": round(time.perf_counter() - started, 1),
+              "files": {"train": list(map(str, train_files)), "calibration": list(map(str, calib_files)),
+                        "heldout": {name: str(path) for name, path in heldout.items()}},
               "seconds": seconds, "stages": {s.name: {"path": str(s.path), "made_from": s.parent, "what": s.what}
                                              for s in stages},
               "table": rows, "export": {k: exported[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
@@ -210,8 +241,12 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
                        [[s.name, s.parent or "-", s.what, f"`{s.path.relative_to(out)}`",
                          f"{report['seconds'][s.name]:.0f}"] for s in stages]),
         "## Comparison",
-        "Bits per byte (bpb) on held-out text: tinyshakespeare's validation split and the UD test sets; lower is "
-        "better and comparable across tokenizers. *Agree*: top-1 next-token agreement with the stage it was made "
+        "Bits per byte (bpb) on held-out text, one column per file: "
+        + ", ".join(f"*{name}* `{path}`" for name, path in report["files"]["heldout"].items())
+        + "; lower is better and comparable across tokenizers. Every stage was trained on "
+        + ", ".join(f"`{path}`" for path in report["files"]["train"]) + " and calibrated on "
+        + ", ".join(f"`{path}`" for path in report["files"]["calibration"]) + ", none of them held out. "
+        "*Agree*: top-1 next-token agreement with the stage it was made "
         "from (*vs*). BLEU, ROUGE-L (F1) and METEOR score greedy continuations of held-out half-lines against the "
         "other half. *tok/s*: batch-1 greedy decode, median of interleaved repetitions; *roofline*: that speed as a "
         "share of what this machine's measured memory bandwidth allows for the bytes each token reads.",
@@ -235,8 +270,16 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         "Through `spj_edge.runtime` (onnxruntime, numpy and tokenizers only), temperature 0.8, top-p 0.95, seed 0:",
         *(f"**{lang}**\n\n```text\n{text}\n```" for lang, text in report["samples"].items()),
         "## Reproduce",
-        "```sh\nmake demo            # or: spj-edge demo --out runs/demo" + (" --quick" if report["quick"] else "")
-        + "\nspj-edge eval --model runs/demo/dist/model.spj --baseline runs/demo/onnx-fp32 --data ../shared/data/corpus/ud"
-        + "\nspj-edge bench --model runs/demo/onnx-fp32 runs/demo/int8 runs/demo/dist/model.spj --chart bench.png\n```",
+        "```sh\n" + reproduce(report, out) + "\n```",
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def reproduce(report: dict, out: Path) -> str:
+    """The commands that redo this report's figures, on the same held-out files."""
+    heldout = " ".join(report["files"]["heldout"].values())
+    return "\n".join([
+        f"spj-edge demo --out {out} --data {report['data']}" + (" --quick" if report["quick"] else ""),
+        f"spj-edge eval --model {out}/dist/model.spj --baseline {out}/onnx-fp32 --data {heldout}",
+        f"spj-edge bench --model {out}/onnx-fp32 {out}/int8 {out}/dist/model.spj --chart {out}/bench.png",
+    ])

@@ -48,6 +48,21 @@ def nano_package(nano_checkpoint, tmp_path_factory) -> Path:
     return dist / "nano.spj"
 
 
+def logit_bound(reference) -> float:
+    """How far two float32 computations of the same logits may differ when only summation order and kernels differ
+    (PyTorch vs onnxruntime vs transformers, AVX-512 vs AVX2 vs NEON, one row vs a batch).
+
+    A reordered float32 sum of n terms moves by at most n·u·Σ|terms| (u = 2**-24, Higham's bound, whatever the order).
+    The longest chain here, a logit through a test model's layers, is under 2**11 summed terms, so the order may cost
+    up to 2**-13 of the terms' magnitude, which for a logit is of the order of the largest logit. That is a worst case
+    over orders, so it holds on any CPU, and it stays far below what a real defect (a wrong mask, position or head)
+    moves a logit by: tenths or more.
+    """
+    import numpy as np
+
+    return 2.0 ** -13 * max(1.0, float(np.abs(np.asarray(reference)).max()))
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess:
     """`spj-edge ARGS` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "spj_edge.cli", *map(str, args)], capture_output=True, text=True,

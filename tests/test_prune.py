@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import UD, assert_one_line_error, run_cli
+from conftest import UD, assert_one_line_error, logit_bound, run_cli
 from spj_edge.checkpoint import load_checkpoint, load_model
 from spj_edge.export import export
 from spj_edge.prune import activation_importance, calibration_split, l1_importance, prune, prune_model
@@ -85,7 +85,7 @@ def test_pruned_checkpoint_loads_in_transformers_with_the_same_logits(pruned_dir
     assert hf.model.layers[0].mlp.down_proj.weight.shape == (64, 96)
     with torch.no_grad():
         reference = hf(IDS).logits
-    torch.testing.assert_close(logits(ours, IDS), reference, atol=1e-4, rtol=1e-4)
+    assert (logits(ours, IDS) - reference).abs().max() < logit_bound(reference)
 
     params, size, heldout = report["parameters"], report["file_bytes"], report["heldout"]
     assert params["after"] == cfg.num_parameters() < params["before"]
