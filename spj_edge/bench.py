@@ -605,6 +605,6 @@ def label_points(ax, names: list[str], x: np.ndarray, y: np.ndarray, fontsize: f
     for i, name in enumerate(names):
         joined = abs(at[i] - px[i, 1]) > 0.5 or nearest(i, sides[i], at[i]) != i
         ax.annotate(name, (x[i], y[i]), textcoords="offset points",
-                    xytext=(6 * sides[i], (at[i] - px[i, 1]) / pixels_per_point), ha="left" if sides[i] > 0 else "right",
-                    va="center", fontsize=fontsize, annotation_clip=False,
+                    xytext=(6 * sides[i], (at[i] - px[i, 1]) / pixels_per_point),
+                    ha="left" if sides[i] > 0 else "right", va="center", fontsize=fontsize, annotation_clip=False,
                     arrowprops=dict(arrowstyle="-", color="0.4", lw=0.6, shrinkA=1, shrinkB=4) if joined else None)
