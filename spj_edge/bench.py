@@ -29,7 +29,7 @@ Those bytes are what a step must read, not what an implementation moves (onnxrun
 the present one every step, for instance): counting less makes the bound higher, never lower. Of them, at most the
 cache's capacity can still be on chip from the previous step, so the rest must come from memory. A model whose bytes
 fit in the cache (every demo model on a server CPU, the `nano` test model anywhere) has no memory bound: its share is
-not shown, with a warning that says so. Without this, a 7 MB model that stays in a 32 MB cache measured "101.7 %".
+not shown, with a warning that says so: a 7 MB fp32 model read from a 32 MB cache is how a share of 101.7 % happens.
 
 The bandwidth is measured here: a STREAM-like copy between numpy arrays far larger than the cache, split across the
 benchmark's threads (numpy's copy releases the GIL), best of a few, counting bytes read plus bytes written as STREAM
