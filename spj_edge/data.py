@@ -32,8 +32,15 @@ def find_text_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+# Text is read whole and tokenized in memory: a bigger file (or a sparse one that claims to be) is refused unread.
+TEXT_MAX_BYTES = 1 << 30
+
+
 def read_text(path: Path) -> str:
     try:
+        size = path.stat().st_size
+        if size > TEXT_MAX_BYTES:
+            raise SPJError(f"{path}: {size} bytes, more than the {TEXT_MAX_BYTES} spj-edge reads from one text file")
         raw = path.read_bytes()
     except OSError as e:
         raise SPJError(f"{path}: cannot read ({e.strerror})") from None

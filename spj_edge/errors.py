@@ -17,6 +17,11 @@ class SPJError(Exception):
     """Bad input or a failed check. The message names the thing and the problem, e.g. `data/x.txt: not UTF-8 text`."""
 
 
+def one_line(message: str) -> str:
+    """`message` with its line breaks and other control characters escaped: a path may hold a newline."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+
+
 def run_command(action) -> int:
     """Run a command's body: bad input ends in one line on stderr and EXIT_USAGE, never a traceback."""
     import sys
@@ -24,11 +29,11 @@ def run_command(action) -> int:
     try:
         action()
     except SPJError as e:
-        print(f"spj-edge: error: {e}", file=sys.stderr)
+        print(f"spj-edge: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # a full disk, a permission denied, a closed pipe: name the file, skip the traceback
         where = f"{e.filename}: " if e.filename else ""  # the stages name their output where the OS names nothing
-        print(f"spj-edge: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"spj-edge: error: {one_line(f'{where}{e.strerror or e}')}", file=sys.stderr)
         return 1
     except ModuleNotFoundError as e:
         if not e.name or e.name.partition(".")[0] == "spj_edge":

@@ -23,6 +23,9 @@ from torch import nn
 from .errors import SPJError
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+# Real models have vocabularies and contexts of 256 K at most; far larger ones only allocate gigabytes (the RoPE
+# tables, the embedding) before failing. The device runtime refuses the same sizes in a package's manifest.
+LARGEST = {"vocab_size": 1 << 20, "max_position_embeddings": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,14 @@ class SPJConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise SPJError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name, most in LARGEST.items():
+            if getattr(self, name) > most:
+                raise SPJError(f"model config: {name} must be ≤ {most}, got {getattr(self, name)}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                raise SPJError(f"model config: {name} must be a positive finite number, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise SPJError(f"model config: num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                            f"num_key_value_heads ({self.num_key_value_heads})")

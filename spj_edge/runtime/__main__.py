@@ -1,25 +1,38 @@
 """`python -m spj_edge.runtime --model PKG --prompt TEXT`: generate text with onnxruntime, numpy and tokenizers only.
 
-Without --prompt, each line of stdin is a prompt and its continuation is one line of output, so the same command
-serves a pipe, a terminal or a socket (see runtimes/raspberry-pi/).
+With --prompt, the continuation is printed as plain text. Without it, the runtime serves stdin and stdout (a pipe, a
+terminal or a socket, see runtimes/raspberry-pi/) with the protocol of PROTOCOL below.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
 
-from ..errors import ArgumentParser, run_command
-from .generator import Generator, text_pieces
+from ..errors import ArgumentParser, SPJError, run_command
+from .generator import PROMPT_MAX_BYTES, Generator, text_pieces
 from .speed import Timing
 
 OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "ignore_eos")
+PROTOCOL = f"""\
+Without --prompt, each line of stdin (UTF-8, at most {PROMPT_MAX_BYTES} bytes) is a prompt, and every reply is one
+JSON object per line of stdout, so that a continuation holding newlines can't be mistaken for several replies:
+  {{"line": N, "piece": "..."}}                    a piece of the continuation, as it is generated (not with --no-stream)
+  {{"line": N, "prompt": "...", "text": "..."}}    the whole continuation: the last record for line N
+  {{"line": N, "error": "..."}}                    line N was not served (not UTF-8, too long, ...); the next one is
+Strings are JSON-escaped (ASCII only), so a record never spans two lines.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m spj_edge.runtime",
-                                description="Generate text from a spj-edge package with onnxruntime alone.")
+    p = ArgumentParser(prog="python -m spj_edge.runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Generate text from a spj-edge package with onnxruntime alone.", epilog=PROTOCOL)
     p.add_argument("--model", required=True, metavar="PKG", help="a package directory or its .tar.gz")
-    p.add_argument("--prompt", help="the prompt (default: one prompt per line of stdin)")
+    p.add_argument("--prompt", help="the prompt; its continuation is printed as plain text (default: serve stdin, "
+                                    "one prompt per line, one JSON record per line out: see below)")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the package's")
     p.add_argument("--temperature", type=float, metavar="T", help="0: greedy (default: the package's)")
     p.add_argument("--top-k", type=int, metavar="K", help="0: no limit (default: the package's)")
@@ -27,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, metavar="R", help="default: the package's")
     p.add_argument("--seed", type=int, metavar="S", help="make sampling reproducible")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="onnxruntime intra-op threads (default: the idle cores, up to 4)")
+                   help="onnxruntime intra-op threads, at most 4 per core (default: the idle cores, up to 4)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     p.add_argument("--no-stream", action="store_true", help="print each continuation once it is complete")
     p.add_argument("--verbose", action="store_true",
@@ -35,35 +48,101 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def respond(generator: Generator, prompt: str, options: dict, stream: bool, verbose: bool) -> None:
+def continuation(generator: Generator, prompt: str, options: dict) -> tuple[Timing, Iterator[str]]:
     ids = generator.encode(prompt)
     timing = Timing(len(ids))
-    pieces = text_pieces(generator.tokenizer, timing.track(generator.tokens(ids, **options)))
-    if stream:
-        for piece in pieces:
+    return timing, text_pieces(generator.tokenizer, timing.track(generator.tokens(ids, **options)))
+
+
+def answer(generator: Generator, prompt: str, options: dict, stream: bool, verbose: bool) -> None:
+    """--prompt: the continuation as plain text and a newline."""
+    with _native_stderr_silenced():
+        timing, pieces = continuation(generator, prompt, options)
+        for piece in pieces if stream else ["".join(pieces)]:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
-    else:
-        sys.stdout.write("".join(pieces) + "\n")
-    sys.stdout.flush()
+        sys.stdout.flush()
     if verbose:
         print(timing.summary(), file=sys.stderr)
+
+
+def serve(generator: Generator, lines: BinaryIO, options: dict, stream: bool, verbose: bool) -> None:
+    """The stdin protocol (PROTOCOL): a line that can't be served gets an error record, and serving goes on."""
+    for number, line in enumerate(_lines(lines), 1):
+        try:
+            prompt = _prompt(line)
+            with _native_stderr_silenced():
+                timing, pieces = continuation(generator, prompt, options)
+                text = []
+                for piece in pieces:
+                    text.append(piece)
+                    if stream:
+                        _record(line=number, piece=piece)
+        except SPJError as e:
+            _record(line=number, error=str(e))
+            continue
+        _record(line=number, prompt=prompt, text="".join(text))
+        if verbose:
+            print(timing.summary(), file=sys.stderr)
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes | None]:
+    """stdin's lines without their line break, reading no more than a prompt may have: None for a longer line, whose
+    rest is read and dropped."""
+    while line := stream.readline(PROMPT_MAX_BYTES + 2):  # + "\r\n"
+        if line.endswith(b"\n") or len(line) <= PROMPT_MAX_BYTES:
+            yield line.rstrip(b"\r\n")
+            continue
+        while line and not line.endswith(b"\n"):
+            line = stream.readline(1 << 16)
+        yield None
+
+
+def _prompt(line: bytes | None) -> str:
+    if line is None:
+        raise SPJError(f"prompt is more than the {PROMPT_MAX_BYTES} bytes this runtime accepts")
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SPJError(f"prompt is not UTF-8 text (invalid byte 0x{line[e.start]:02x} at offset {e.start})") from None
+
+
+def _record(**fields) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """Rust's panic handler (a tokenizer pattern that backtracks too long) writes its report straight to file
+    descriptor 2, besides the exception that becomes our one-line error. Nothing of ours writes to stderr meanwhile:
+    errors are printed after the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    def serve():
+    def run():
         generator = Generator.load(args.model, threads=args.threads)
         if args.verbose:
             print(generator.describe(), file=sys.stderr)
         options = {name: getattr(args, name) for name in OPTIONS}
-        prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\r\n") for line in sys.stdin)
-        for prompt in prompts:
-            respond(generator, prompt, options, not args.no_stream, args.verbose)
+        if args.prompt is not None:
+            answer(generator, args.prompt, options, not args.no_stream, args.verbose)
+        else:
+            serve(generator, sys.stdin.buffer, options, not args.no_stream, args.verbose)
 
-    return run_command(serve)
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,31 @@ spj.json) writes them into one buffer that lives for the whole generation.
 """
 from __future__ import annotations
 
+import codecs
 import math
 import os
+import re
+from contextlib import contextmanager
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
 from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler, SamplingParams
 from ..tokenizer import check_matches_model, check_prompt_fits, encode_prompt, specials_as_text
+from .graph import check_graph
 from .reader import MODEL, TOKENIZER, Package, read_package
+
+# A prompt's most bytes: far more than any context holds, few enough to tokenize in a moment.
+PROMPT_MAX_BYTES = 1 << 20
+THREADS_PER_CORE = 4  # onnxruntime crashes on absurd thread counts; more than this only makes threads wait
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def default_threads() -> int:
@@ -29,12 +41,11 @@ def default_threads() -> int:
     faster than two, because onnxruntime's threads spin waiting for each other on cores that are not free, so its own
     default (every physical core) is the slow choice there. On an idle device every core helps, up to the 4 of a
     Raspberry Pi; a single-token step of a model this size has too little work per op to share among more."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     try:
         busy = round(os.getloadavg()[0])
     except (AttributeError, OSError):  # no load average on this system
         busy = 0
-    return max(1, min(cores - busy, 4))
+    return max(1, min(cores() - busy, 4))
 
 
 class Generator:
@@ -44,6 +55,7 @@ class Generator:
     def __init__(self, package: Package, threads: int | None = None):
         manifest, config = package.manifest, package.config
         self.package = package
+        check_graph(package.files[MODEL], manifest, f"{package.source}: {MODEL}")  # before onnxruntime sees it
         self.context = config["max_position_embeddings"]
         self.vocab_size = config["vocab_size"]
         shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
@@ -53,7 +65,6 @@ class Generator:
         check_matches_model(self.tokenizer, self.vocab_size, f"{package.source}: {TOKENIZER}")
         self.threads = default_threads() if threads is None else threads
         self.session = _session(package, self.threads)
-        self._check_contract()
         special = manifest["special_tokens"]
         self.bos_id, self.eos_id, self.pad_id = (special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
         # The model's vocabulary may be padded past the tokenizer's: those ids decode to nothing, never pick them.
@@ -72,7 +83,12 @@ class Generator:
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         """The ids the model is given for a prompt: <bos> and the text's tokens, or the ids as they are."""
         if isinstance(prompt, str):
-            return encode_prompt(self.tokenizer, prompt, self.context, self.bos_id)
+            size = len(prompt.encode("utf-8", "surrogatepass"))
+            if size > PROMPT_MAX_BYTES:
+                raise SPJError(f"prompt is {size} bytes, more than the {PROMPT_MAX_BYTES} this runtime accepts (the "
+                               f"model's context is {self.context} tokens)")
+            with _panics_as_errors(f"{self.package.source}: {TOKENIZER}"):
+                return encode_prompt(self.tokenizer, prompt, self.context, self.bos_id)
         ids = [int(i) for i in prompt]
         if not ids or not all(0 <= i < self.vocab_size for i in ids):
             raise SPJError(f"prompt ids must be a non-empty list of ids in [0, {self.vocab_size})")
@@ -108,7 +124,8 @@ class Generator:
                     new_ids[r].append(token)
             if all(done):
                 break
-        return self.tokenizer.decode_batch(new_ids)
+        with _panics_as_errors(TOKENIZER):
+            return [decode_whole_characters(self.tokenizer, ids) for ids in new_ids]
 
     def next_token_logits(self, windows: np.ndarray) -> np.ndarray:
         """Logits [batch, length, vocab] for the token after every prefix of each row of `windows` [batch, length],
@@ -178,14 +195,6 @@ class Generator:
                 history.append(int(token[r, 0]))
             yield token[:, 0].tolist()
 
-    def _check_contract(self):
-        for kind, specs, found in (("inputs", self.inputs, self.session.get_inputs()),
-                                   ("outputs", self.outputs, self.session.get_outputs())):
-            wanted, have = {s.name for s in specs}, {v.name for v in found}
-            if wanted != have:
-                raise SPJError(f"{self.package.source}: {MODEL}'s {kind} do not follow the ONNX contract for its config"
-                               f" (missing {sorted(wanted - have)}, unexpected {sorted(have - wanted)})")
-
 
 class _Step:
     """One generation's IOBinding: a forward step, after which the outputs `present.*` are bound as the inputs
@@ -194,6 +203,7 @@ class _Step:
     def __init__(self, generator: Generator, batch: int):
         self.session = generator.session
         self.binding = generator.session.io_binding()
+        self.source = generator.package.source
         # contract.inputs lists input_ids, attention_mask, position_ids, then the cache in the order of outputs[1:].
         self.ids, self.mask, self.positions = (s.name for s in generator.inputs[:3])
         self.past = [s.name for s in generator.inputs[3:]]
@@ -217,7 +227,11 @@ class _Step:
         binding.bind_cpu_input(self.positions, positions)
         for name in self.dynamic:  # their shapes change every step: onnxruntime allocates them anew
             binding.bind_output(name)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own exception types, with multi-line messages
+            raise SPJError(f"{self.source}: onnxruntime failed running {MODEL} "
+                           f"({str(e).splitlines()[0][:200]})") from None
         logits, *present = binding.get_outputs()
         for name, value in zip(self.past, present):
             binding.bind_ortvalue_input(name, value)
@@ -231,23 +245,81 @@ def _shape(spec: contract.TensorSpec, batch: int, length: int) -> tuple[int, ...
 
 def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     """Decoded text as it becomes final. Decoding everything so far each time (as the PyTorch reference does) keeps
-    the text right for any tokenizer's decoder; at a context of a thousand tokens it costs well under a token's time."""
+    the text right for any tokenizer's decoder; at a context of a thousand tokens it costs well under a token's time.
+
+    A character split across tokens shows as U+FFFD until its last byte comes, so text ending in one waits; if the
+    tokens end inside a character (max_new_tokens cut it), that broken tail is dropped rather than shown."""
     ids, shown = [], ""
-    for token in tokens:
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if len(text) > len(shown) and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            yield text[len(shown):]
-            shown = text
-    rest = tokenizer.decode(ids)[len(shown):]
-    if rest:
-        yield rest
+    with _panics_as_errors(TOKENIZER):
+        for token in tokens:
+            ids.append(token)
+            text = tokenizer.decode(ids)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+        text = decode_whole_characters(tokenizer, ids)
+    if len(text) > len(shown):
+        yield text[len(shown):]
+
+
+def decode_whole_characters(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of `ids`, less a character they end inside of."""
+    text = tokenizer.decode(ids)
+    return text[:-1] if text.endswith("\ufffd") and _ends_inside_a_character(tokenizer, ids) else text
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, which decoders.ByteLevel undoes: the printable bytes stand for themselves, the
+    others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_OF_CHARACTER = _byte_level_alphabet()
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte fallback
+
+
+def _ends_inside_a_character(tokenizer: Tokenizer, ids: list[int]) -> bool:
+    """Whether the bytes of `ids` end with an incomplete UTF-8 sequence, as opposed to a U+FFFD the model wrote (whole
+    bytes EF BF BD) or bytes that are invalid anyway. A character has at most 4 bytes and a token at least 1, so the
+    last 3 tokens that stand for bytes (special tokens decode to nothing) hold any incomplete tail."""
+    tail = [i for i in ids[-8:] if tokenizer.decode([i])][-3:]
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(b"".join(_token_bytes(tokenizer, i) for i in tail))
+    return bool(decoder.getstate()[0])  # what the decoder holds back, waiting for the rest of a character
+
+
+def _token_bytes(tokenizer: Tokenizer, token_id: int) -> bytes:
+    token = tokenizer.id_to_token(token_id) or ""
+    if isinstance(tokenizer.decoder, decoders.ByteLevel) and all(c in _BYTE_OF_CHARACTER for c in token):
+        return bytes(_BYTE_OF_CHARACTER[c] for c in token)
+    byte = _BYTE_TOKEN.fullmatch(token)
+    return bytes([int(byte[1], 16)]) if byte else token.encode("utf-8")
+
+
+@contextmanager
+def _panics_as_errors(where: str):
+    """tokenizers panics in Rust on some inputs (a pattern that backtracks too long), which Python sees as pyo3's
+    PanicException: a BaseException, so `except Exception` misses it."""
+    try:
+        yield
+    except BaseException as e:
+        if not _is_panic(e):
+            raise
+        raise SPJError(f"{where} failed on this text ({str(e).splitlines()[0][:200]})") from None
+
+
+def _is_panic(e: BaseException) -> bool:
+    return type(e).__name__ == "PanicException"
 
 
 def _tokenizer(package: Package) -> Tokenizer:
     try:
         return specials_as_text(Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8")))
-    except Exception as e:  # the Rust side raises a bare Exception with a serde message
+    except BaseException as e:  # the Rust side raises a bare Exception with a serde message, or panics
+        if not (isinstance(e, Exception) or _is_panic(e)):
+            raise
         reason = str(e).splitlines()[0][:120]
         raise SPJError(f"{package.source}: {TOKENIZER} is not a valid tokenizer ({reason})") from None
 
@@ -255,6 +327,9 @@ def _tokenizer(package: Package) -> Tokenizer:
 def _session(package: Package, threads: int) -> ort.InferenceSession:
     if threads < 1:
         raise SPJError(f"threads must be ≥ 1, got {threads}")
+    if threads > THREADS_PER_CORE * cores():
+        raise SPJError(f"threads must be ≤ {THREADS_PER_CORE * cores()} ({THREADS_PER_CORE} per core of the "
+                       f"{cores()} here), got {threads}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: warnings would break the one-line output of the CLI

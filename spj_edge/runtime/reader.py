@@ -2,14 +2,18 @@
 
 The files are read once, as bytes, and those very bytes are hashed and then handed to onnxruntime and tokenizers: what
 was verified is what runs, whatever happens to the files afterwards. A tar is never extracted to disk: its members are
-read in memory, and the whole archive is refused if any member is a link, a device, an absolute path or a path that
-leaves the package folder.
+read in memory, and the whole archive is refused if any member is a link, a device, an absolute path, a path that
+leaves the package folder or a second copy of a name. A file's size is checked (against the manifest, or a limit)
+before any of it is read, and no package file may be a link, a device or a FIFO.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
+import os
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -22,19 +26,26 @@ MANIFEST = "spj.json"
 MODEL = "model.onnx"
 TOKENIZER = "tokenizer.json"
 FORMAT_VERSION = 1
-MANIFEST_MAX_BYTES = 1 << 20  # a real one is a few KB; a crafted archive must not make us inflate gigabytes
+# The most bytes each file may have, checked before it is read, so that a crafted package can't make us read or
+# inflate gigabytes. A real manifest is a few KB; protobuf can't parse a graph of 2 GiB or more; the largest real
+# tokenizer.json files (Gemma's) are about 33 MB.
+MANIFEST_MAX_BYTES = 1 << 20
+MAX_BYTES = {MANIFEST: MANIFEST_MAX_BYTES, MODEL: (1 << 31) - 1, TOKENIZER: 64 << 20}
+ARCHIVE_MAX_BYTES = sum(MAX_BYTES.values())  # all members of an archive together, and the archive itself
+ARCHIVE_MAX_MEMBERS = 64
+LARGEST = 1 << 20  # the largest vocabulary, context or token count a manifest may give (real ones: 256 K at most)
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
-# What the runtime reads from spj.json, and the least value of its integers.
+# What the runtime reads from spj.json, and the least and the greatest value of its integers.
 INTEGERS = {
-    **{("model", key): 1 for key in ("num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size",
-                                     "max_position_embeddings")},
-    **{("special_tokens", key): 0 for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
-    ("generation", "max_new_tokens"): 0, ("generation", "top_k"): 0,
+    **{("model", key): (1, 1024) for key in ("num_hidden_layers", "num_key_value_heads", "head_dim")},
+    ("model", "vocab_size"): (1, LARGEST), ("model", "max_position_embeddings"): (1, LARGEST),
+    **{("special_tokens", key): (0, LARGEST) for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    ("generation", "max_new_tokens"): (0, LARGEST), ("generation", "top_k"): (0, LARGEST),
 }
 REQUIRED = [
     *INTEGERS, *(("generation", key) for key in SAMPLING if ("generation", key) not in INTEGERS),
     ("graph",), ("opset",), ("quantization", "mode"),
-    ("files", MODEL, "sha256"), ("files", TOKENIZER, "sha256"),
+    *(("files", name, key) for name in (MODEL, TOKENIZER) for key in ("sha256", "bytes")),
 ]
 
 
@@ -53,12 +64,19 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_package(path: str | Path) -> Package:
+def read_package(path: str | os.PathLike) -> Package:
+    if not os.fspath(path):  # Path("") would be the working directory
+        raise SPJError("an empty path: expected a package directory or its .tar.gz")
     path = Path(path)
     if path.is_dir():
         return _read(path, _DirectoryFiles(path))
     if not path.exists():
         raise SPJError(f"{path}: no such package")
+    if not path.is_file():  # a device or a FIFO could be read forever
+        raise SPJError(f"{path}: not a package (not a regular file; expected a directory with {MANIFEST}, or its "
+                       ".tar.gz)")
+    if path.stat().st_size > ARCHIVE_MAX_BYTES:
+        raise SPJError(f"{path}: {path.stat().st_size} bytes, more than the {ARCHIVE_MAX_BYTES} a package may have")
     if not tarfile.is_tarfile(path):
         raise SPJError(f"{path}: not a package (expected a directory with {MANIFEST}, or its .tar.gz)")
     try:
@@ -69,11 +87,11 @@ def read_package(path: str | Path) -> Package:
 
 
 def _read(source: Path, files) -> Package:
-    manifest = _parse_manifest(files.read(MANIFEST, None, MANIFEST_MAX_BYTES), files.where(MANIFEST))
+    manifest = _parse_manifest(files.read(MANIFEST, None), files.where(MANIFEST))
     verified = {}
     for name in (MODEL, TOKENIZER):
         entry = manifest["files"][name]
-        data = files.read(name, entry.get("bytes"))
+        data = files.read(name, entry["bytes"])  # the size is checked before a byte is read
         if sha256(data) != entry["sha256"]:
             raise SPJError(f"{files.where(name)}: sha256 differs from {MANIFEST}'s: the file was changed or damaged "
                            "after packaging; refusing to load it")
@@ -86,25 +104,39 @@ def _parse_manifest(data: bytes, where: str) -> dict:
         manifest = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SPJError(f"{where}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise SPJError(f"{where}: not a spj-edge package manifest (nested too deeply)") from None
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise SPJError(f"{where}: not a spj-edge package manifest")
-    if manifest["format_version"] != FORMAT_VERSION:
-        raise SPJError(f"{where}: package format version {manifest['format_version']!r}; this runtime reads version "
+    version = manifest["format_version"]
+    if type(version) is not int or version != FORMAT_VERSION:  # JSON's true equals 1 in Python
+        raise SPJError(f"{where}: package format version {version!r}; this runtime reads version "
                        f"{FORMAT_VERSION} (update spj-edge or repackage the model)")
     missing = [".".join(path) for path in REQUIRED if not _has(manifest, path)]
     if missing:
         raise SPJError(f"{where}: incomplete manifest, it lacks {', '.join(missing)}")
     _check_values(manifest, where)
+    _check_files(manifest["files"], where)
     return manifest
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_values(manifest: dict, where: str) -> None:
-    """Values of the right kind: a damaged or hand-edited manifest fails here, naming its entry, rather than as a
-    TypeError in the middle of generation."""
-    for (section, key), least in INTEGERS.items():
+    """Values of the right kind and size: a damaged or hand-edited manifest fails here, naming its entry, rather than
+    as a TypeError in the middle of generation or an allocation of gigabytes. (Whether they describe the graph is
+    checked against the graph itself, in graph.py.)"""
+    for (section, key), (least, most) in INTEGERS.items():
         value = manifest[section][key]
-        if not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
-            raise SPJError(f"{where}: {section}.{key} must be an integer ≥ {least}, got {value!r}")
+        if not (_is_integer(value) and least <= value <= most):
+            raise SPJError(f"{where}: {section}.{key} must be an integer from {least} to {most}, got {value!r}")
+    vocab_size = manifest["model"]["vocab_size"]
+    for key, value in manifest["special_tokens"].items():
+        if key in ("bos_token_id", "eos_token_id", "pad_token_id") and value >= vocab_size:
+            raise SPJError(f"{where}: special_tokens.{key} is {value}, not an id of the model's vocabulary of "
+                           f"{vocab_size}")
     generation = manifest["generation"]
     for key in SAMPLING:
         if not isinstance(generation[key], (int, float)) or isinstance(generation[key], bool):
@@ -115,12 +147,34 @@ def _check_values(manifest: dict, where: str) -> None:
         raise SPJError(f"{where}: generation defaults: {e}") from None
 
 
+def _check_files(files: dict, where: str) -> None:
+    """Every entry names a file of the package folder itself; those the runtime reads have a size it may read."""
+    for name, entry in files.items():
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+            raise SPJError(f"{where}: files lists {name!r}, which is not a file of the package folder")
+        if name in (MODEL, TOKENIZER):
+            size = entry["bytes"]
+            if not (_is_integer(size) and 0 <= size <= MAX_BYTES[name]):
+                raise SPJError(f"{where}: files.{name}.bytes must be an integer from 0 to {MAX_BYTES[name]}, "
+                               f"got {size!r}")
+
+
 def _has(obj, path: tuple[str, ...]) -> bool:
     for key in path:
         if not isinstance(obj, dict) or key not in obj:
             return False
         obj = obj[key]
     return True
+
+
+def _check_size(where: str, name: str, actual: int, size: int | None) -> None:
+    """`size`: the manifest's; None: any size up to the file's limit."""
+    if size is None and actual > MAX_BYTES[name]:
+        raise SPJError(f"{where}: {actual} bytes, more than the {MAX_BYTES[name]} a {name} may have; refusing to "
+                       "read it")
+    if size is not None and actual != size:
+        raise SPJError(f"{where}: {actual} bytes where {MANIFEST} says {size}: the file was changed or damaged after "
+                       "packaging; refusing to load it")
 
 
 class _DirectoryFiles:
@@ -130,27 +184,49 @@ class _DirectoryFiles:
     def where(self, name: str) -> str:
         return str(self.root / name)
 
-    def read(self, name: str, size: int | None, most: int | None = None) -> bytes:
+    def read(self, name: str, size: int | None) -> bytes:
         path = self.root / name
-        if not path.is_file():
-            raise SPJError(f"{path}: missing from the package")
-        if most is not None and path.stat().st_size > most:
-            raise SPJError(f"{path}: {path.stat().st_size} bytes, more than the {most} a {name} may have")
+        # Not following a link, and not waiting on a FIFO: a package's files are the files themselves, as in a tar.
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            return path.read_bytes()
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            raise SPJError(f"{path}: missing from the package") from None
         except OSError as e:  # unreadable input is bad input (exit 2), as everywhere else
+            if e.errno == errno.ELOOP:
+                raise SPJError(f"{path}: a symbolic link; a package holds its files themselves") from None
             raise SPJError(f"{path}: cannot read ({e.strerror})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                kind = "directory" if stat.S_ISDIR(info.st_mode) else "FIFO, device or socket"
+                raise SPJError(f"{path}: missing from the package (a {kind} stands in its place)")
+            _check_size(str(path), name, info.st_size, size)
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(info.st_size + 1)
+        except OSError as e:
+            raise SPJError(f"{path}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if len(data) != info.st_size:
+            raise SPJError(f"{path}: changed while it was being read; refusing to load it")
+        return data
 
 
 class _TarFiles:
-    """The members of a package archive: one folder holding the package files, nothing else."""
+    """The members of a package archive: one folder holding the package files, nothing else.
+
+    The archive is walked one header at a time and refused as soon as a header is wrong, before the member's data is
+    inflated (moving past a member of a .tar.gz inflates it)."""
 
     def __init__(self, path: Path, tar: tarfile.TarFile):
         self.path, self.tar = path, tar
-        members = tar.getmembers()
-        tops = set()
-        for m in members:
-            parts = PurePosixPath(m.name).parts
+        self.members: dict[str, tarfile.TarInfo] = {}
+        tops, seen, total = set(), set(), 0
+        for count, m in enumerate(tar, 1):
+            if count > ARCHIVE_MAX_MEMBERS:
+                raise SPJError(f"{path}: more than {ARCHIVE_MAX_MEMBERS} members; a package has a few files")
+            parts = PurePosixPath(m.name).parts  # `./nano.spj/x` as `tar czf p.tar.gz ./nano.spj` writes it: nano.spj/x
             if m.name.startswith("/"):
                 self._refuse(m, "an absolute path")
             if ".." in parts:
@@ -159,13 +235,23 @@ class _TarFiles:
                 self._refuse(m, f"a link (to {m.linkname!r})")
             if not (m.isfile() or m.isdir()):
                 self._refuse(m, "not a regular file or folder")
+            if not parts:  # the archive's own `.`
+                continue
             if len(parts) > 2 or (len(parts) == 2 and m.isdir()):
                 self._refuse(m, "nested below the package folder")
-            tops.add(parts[0] if parts else "")
-        if len(tops) != 1 or "" in tops:
+            total += m.size
+            if total > ARCHIVE_MAX_BYTES:
+                self._refuse(m, f"past {ARCHIVE_MAX_BYTES} bytes of members, more than a package may have")
+            name = "/".join(parts)
+            if name in seen:  # tarfile would let the last one win
+                self._refuse(m, "in the archive twice")
+            seen.add(name)
+            if m.isfile():
+                self.members[name] = m
+            tops.add(parts[0])
+        if len(tops) != 1:
             raise SPJError(f"{path}: a package archive holds exactly one folder (found {sorted(tops) or 'nothing'})")
         self.top = tops.pop()
-        self.members = {m.name: m for m in members if m.isfile()}
 
     def _refuse(self, member: tarfile.TarInfo, why: str):
         raise SPJError(f"{self.path}: refusing the archive: member {member.name!r} is {why}")
@@ -173,16 +259,9 @@ class _TarFiles:
     def where(self, name: str) -> str:
         return f"{self.path}:{self.top}/{name}"
 
-    def read(self, name: str, size: int | None, most: int | None = None) -> bytes:
+    def read(self, name: str, size: int | None) -> bytes:
         member = self.members.get(f"{self.top}/{name}")
         if member is None:
             raise SPJError(f"{self.where(name)}: missing from the package")
-        # Sizes are checked before reading (the manifest's, or a limit), so a crafted archive can't make us inflate a
-        # huge member.
-        if most is not None and member.size > most:
-            raise SPJError(f"{self.where(name)}: {member.size} bytes, more than the {most} a {name} may have; "
-                           "refusing to read it")
-        if size is not None and member.size != size:
-            raise SPJError(f"{self.where(name)}: {member.size} bytes where {MANIFEST} says {size}: the file was "
-                           "changed or damaged after packaging; refusing to load it")
+        _check_size(self.where(name), name, member.size, size)
         return self.tar.extractfile(member).read()
