@@ -21,9 +21,9 @@ from .checkpoint import checkpoint_sha256, load_checkpoint, load_model
 from .data import read_texts
 from .errors import SPJError
 from .model import Transformer, load_preset
-from .outputs import print_summary, read_json, refuse_existing_output, write_json
+from .outputs import check_output, print_summary, read_json, write_json
 from .tokenizer import load_tokenizer, special_token_ids, token_byte_lengths
-from .train import STATE_DIR, Processes, TrainOptions, autocast_dtype, fit, heldout_metrics, load_dataset
+from .train import Processes, TrainOptions, autocast_dtype, check_resumable, fit, heldout_metrics, load_dataset
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -95,10 +95,9 @@ def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Pa
     teacher_dir = Path(teacher_dir)
     procs = Processes.start()
     if resume:
-        if out is None or not (out / STATE_DIR / "state.json").is_file():
-            raise SPJError(f"{out}: nothing to resume (no {STATE_DIR}/state.json); run without --resume")
-    elif out is not None:
-        refuse_existing_output(out, overwrite)
+        check_resumable(out)
+    if out is not None:
+        check_output(out, [teacher_dir, student_dir, *data, *(val_data or [])], overwrite=overwrite, resume=resume)
     procs.barrier()  # every rank has looked at `out` before rank 0 may write it
 
     teacher, tokenizer = load_checkpoint(teacher_dir)

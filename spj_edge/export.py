@@ -28,7 +28,7 @@ from .errors import SPJError
 from .generate import generate_ids
 from .model import Transformer, positions_from_mask
 from .onnx_lm import OnnxLM
-from .outputs import print_summary, refuse_existing_output, staged_dir, write_json
+from .outputs import check_output, print_summary, staged_dir, write_json
 from .sampling import Sampler, SamplingParams
 from .tokenizer import save_tokenizer
 
@@ -199,7 +199,7 @@ def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse:
                        f"opsets {opsets.start} to {opsets.stop - 1}")
     model_dir = Path(model_dir) if model_dir is not None else default_model()
     out = Path(out)
-    refuse_existing_output(out, overwrite)
+    check_output(out, [model_dir], overwrite=overwrite)
     model, tokenizer = load_checkpoint(model_dir)
     started = time.perf_counter()
     proto = build_fused_model(model, opset) if fuse else export_plain(model, opset)

@@ -11,7 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import SPJError
 
@@ -35,6 +35,7 @@ def staged_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_staging_prefix(path, "partial"), dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp's is private; an output is for others too (a service user reading a package)
     try:
+        _mark(tmp)
         yield tmp
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,14 +210,70 @@ def parse_onnx(data: bytes, where) -> "onnx.ModelProto":
     return proto
 
 
-def refuse_existing_output(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists (unless `overwrite`) or that can't be made: one below a file."""
-    path = Path(path)
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+MARKER = ".spj-edge-output"  # in every output directory: what --overwrite may replace
+
+
+def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *, overwrite: bool = False,
+                 suffix: str | None = None, resume: bool = False) -> Path:
+    """Refuse, before any work, an output that would destroy something: one that is, holds or lies inside one of
+    `inputs` (None: an input not given), one that is or holds the working directory, one that exists (unless
+    `overwrite`), and even with `overwrite` anything spj-edge could not have written: a directory without our MARKER,
+    or for a file output (`suffix`, e.g. ".tar.gz") anything but a plain file of that suffix.
+    `resume`: the caller continues the run saved in `out`, which it has checked, and replaces it in its place."""
+    out = Path(out)
+    _refuse_overlap(out, [Path(p) for p in inputs if p is not None])
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
-        raise SPJError(f"{blocking}: is a file, expected a directory (to hold {path})")
-    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
-        raise SPJError(f"{path}: already exists (pass --overwrite to replace it)")
+        raise SPJError(f"{blocking}: is a file, expected a directory (to hold {out})")
+    if suffix is not None and out.is_dir():
+        raise SPJError(f"{out}: is a directory, expected the path of a {suffix} file to write")
+    if resume or not (out.exists() or out.is_symlink()):
+        return out
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    if not overwrite:
+        if suffix is None and empty_dir:
+            return out  # made ahead for the output
+        raise SPJError(f"{out}: already exists (pass --overwrite to replace it)")
+    if suffix is not None:
+        if out.is_symlink() or not out.is_file() or not out.name.endswith(suffix):
+            raise SPJError(f"{out}: not a {suffix} file that spj-edge writes; --overwrite replaces only those "
+                           "(remove it yourself, or choose another --out)")
+    elif not empty_dir and (out.is_symlink() or not (out / MARKER).is_file()):
+        raise SPJError(f"{out}: not an output directory of spj-edge (it lacks {MARKER}); --overwrite replaces only "
+                       "those (remove it yourself, or choose another --out)")
+    return out
+
+
+def _refuse_overlap(out: Path, inputs: list[Path]) -> None:
+    """An output replaces what its path names, with everything inside; one inside an input changes that input."""
+    real = Path(os.path.realpath(out))
+    cwd = Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise SPJError(f"{out}: {'is' if real == cwd else 'holds'} the working directory; an output replaces its "
+                       "whole folder: choose a new folder for --out")
+    for path in inputs:
+        source = Path(os.path.realpath(path))
+        if real == source:
+            raise SPJError(f"{out}: is also an input ({path}); an output must not replace its input")
+        if real in source.parents:
+            raise SPJError(f"{out}: holds the input {path}; replacing it would delete that input")
+        if source in real.parents:
+            raise SPJError(f"{out}: is inside the input {path}; write the output elsewhere")
+
+
+def claim_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *,
+                     overwrite: bool = False) -> Path:
+    """For an output filled in place, stage by stage (the demo's folder): check it as check_output does, then make
+    it and mark it as ours."""
+    out = check_output(out, inputs, overwrite=overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    _mark(out)
+    return out
+
+
+def _mark(directory: Path) -> None:
+    (directory / MARKER).write_text("written by spj-edge: `--overwrite` may replace this directory\n",
+                                    encoding="utf-8")
 
 
 def print_summary(title: str, rows: list[tuple[str, object]]) -> None:

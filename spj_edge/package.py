@@ -29,8 +29,8 @@ from onnx import helper, numpy_helper
 from . import __version__, contract
 from .cli import add_sampling_flags
 from .errors import SPJError
-from .outputs import (name_output, print_summary, read_json, read_onnx, refuse_existing_output, scratch_dir,
-                      staged_dir, write_json)
+from .outputs import (check_output, name_output, print_summary, read_json, read_onnx, scratch_dir, staged_dir,
+                      write_json)
 from .runtime import Generator, Package
 from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
 from .tokenizer import check_matches_model, load_tokenizer, special_token_ids
@@ -48,7 +48,7 @@ CHECK_PROMPT, CHECK_TOKENS = "Once upon a time, in a land far away,", 32
 def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = False, overwrite: bool = False) -> dict:
     model_dir, out = Path(model_dir), Path(out)
     target = out.with_name(f"{out.name}.tar.gz") if tar else out
-    refuse_existing_output(target, overwrite)
+    check_output(target, [model_dir], overwrite=overwrite, suffix=".tar.gz" if tar else None)
     source_bytes, proto = read_onnx(model_dir)
     meta = {p.key: p.value for p in proto.metadata_props}
     missing = [key for key in METADATA if key not in meta]

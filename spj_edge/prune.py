@@ -24,7 +24,7 @@ from .checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
 from .data import build_dataset, read_texts, tokenize_corpus
 from .errors import SPJError
 from .model import Transformer
-from .outputs import print_summary, refuse_existing_output, staged_dir, write_json
+from .outputs import check_output, print_summary, staged_dir, write_json
 from .tokenizer import token_byte_lengths
 from .train import heldout_metrics
 
@@ -209,7 +209,7 @@ def prune(model_dir: str | Path, out: str | Path, *, ffn_ratio: float, head_rati
     if method == "structured" and importance == "activation" and not calib:
         raise SPJError("--importance activation needs calibration text: pass --calib PATH (or --importance l1)")
     model_dir, out = Path(model_dir), Path(out)
-    refuse_existing_output(out, overwrite)
+    check_output(out, [model_dir, *(calib or [])], overwrite=overwrite)
     model, tokenizer = load_checkpoint(model_dir)
     cfg = model.config
     calib_windows, heldout = calibration_split(calib, tokenizer, cfg.max_position_embeddings) if calib else (None, None)

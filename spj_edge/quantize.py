@@ -39,8 +39,7 @@ from .errors import SPJError
 from .evaluate import Figures, figures
 from .model import SPJConfig
 from .onnx_lm import OnnxLM, measure_speed
-from .outputs import (print_summary, read_json, read_onnx, refuse_existing_output, scratch_dir, staged_dir,
-                      write_json)
+from .outputs import check_output, print_summary, read_json, read_onnx, scratch_dir, staged_dir, write_json
 from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer, token_byte_lengths
 
 MODES = ("static", "dynamic", "int4")
@@ -370,7 +369,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
     logging.getLogger("onnxruntime.quantization.shape_inference").setLevel(logging.WARNING)
     model_dir = Path(model_dir)
     out = Path(out if out is not None else ("runs/int4" if mode == "int4" else "runs/int8"))
-    refuse_existing_output(out, overwrite)
+    check_output(out, [model_dir, *(calib or []), *(eval_data or [])], overwrite=overwrite)
     float_model = load_float_model(model_dir)
     settings = Settings(mode, profile, calibration or profile.calibration,
                         profile.per_channel if per_channel is None else per_channel, calib_samples, block_size,

@@ -117,12 +117,12 @@ def check_matches_model(tokenizer: Tokenizer, vocab_size: int, source: str) -> N
 def build_tokenizer(data: list, vocab_size: int, out: Path, overwrite: bool = False) -> Tokenizer:
     """The `spj-edge tokenizer` stage: train, check the round trip, report bytes per token for every file."""
     from .data import read_texts
-    from .outputs import name_output, print_summary, refuse_existing_output, write_json
+    from .outputs import check_output, name_output, print_summary, write_json
 
     out = Path(out)
-    if out.is_dir():
-        raise SPJError(f"{out}: is a directory, expected the path of the tokenizer.json to write")
-    refuse_existing_output(out, overwrite)
+    report = out.with_suffix(".report.json")
+    for path in (out, report):  # the report is an output too: replaced only with --overwrite, as the tokenizer is
+        check_output(path, data, overwrite=overwrite, suffix=".json")
     texts = read_texts(data)
     tokenizer = train_tokenizer(texts.values(), vocab_size)
     per_file = {}
@@ -137,8 +137,8 @@ def build_tokenizer(data: list, vocab_size: int, out: Path, overwrite: bool = Fa
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
         save_tokenizer(tokenizer, tmp)
-        write_json(out.with_suffix(".report.json"), {"stage": "tokenizer", "vocab_size": tokenizer.get_vocab_size(),
-                                                     "special_tokens": list(SPECIAL_TOKENS), "files": per_file})
+        write_json(report, {"stage": "tokenizer", "vocab_size": tokenizer.get_vocab_size(),
+                            "special_tokens": list(SPECIAL_TOKENS), "files": per_file})
         tmp.replace(out)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

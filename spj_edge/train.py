@@ -11,7 +11,10 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from .data import Dataset, build_dataset, read_texts, tokenize_corpus
 from .errors import SPJError
 from .model import SPJConfig, Transformer
 from .options import PRECISIONS, TrainOptions
-from .outputs import print_summary, read_json, refuse_existing_output, staged_dir, write_json
+from .outputs import check_output, print_summary, read_json, staged_dir, write_json
 from .tokenizer import (check_matches_model, load_tokenizer, special_token_ids, specials_as_text, token_byte_lengths,
                         train_tokenizer)
 
@@ -174,6 +177,121 @@ def load_train_state(checkpoint: Path, optimizer, scaler, opts: TrainOptions, fi
     return state["step"], state["history"]
 
 
+# --- progress, warnings, Ctrl-C ---------------------------------------------------------------------------------------
+def remaining_seconds(timed_steps: int, timed_seconds: float, steps_left: int) -> float | None:
+    """The time the steps left take at the pace of the steps timed so far; None before any is timed."""
+    return steps_left * timed_seconds / timed_steps if timed_steps else None
+
+
+class Progress:
+    """The step bar. Its clock starts when the first step of this run ends: that step also pays for torch.compile
+    (about a minute on a CPU), first allocations and lazy initialisation, and timed with the rest it put hours on
+    the estimate (8:47:22 for a 10-minute run)."""
+
+    def __init__(self, stage: str, total: int, initial: int, tokens_per_step: int, *, compiling: bool, enabled: bool,
+                 clock: Callable[[], float] = time.perf_counter, file=None):
+        self.stage, self.total, self.step, self.clock = stage, total, initial, clock
+        self.tokens_per_step, self.file = tokens_per_step, file or sys.stderr
+        self.warm: tuple[float, int] | None = None  # (time, step) at the end of the first step
+        # A log file gets a line every 15 s, not a flood; the bar's own estimate is replaced by ours.
+        self.bar = tqdm(total=total, initial=initial, desc=f"{stage} (compiling…)" if compiling else stage,
+                        unit="step", disable=not enabled, dynamic_ncols=True, file=self.file,
+                        mininterval=0.2 if self.file.isatty() else 15,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+
+    def advance(self, **postfix):
+        """One step done; `postfix`: figures to show after the estimate."""
+        self.step += 1
+        if self.warm is None:
+            self.warm = (self.clock(), self.step)
+            self.bar.set_description_str(self.stage, refresh=False)
+        eta, (steps, seconds) = self.eta(), self.timed()
+        self.bar.set_postfix(eta="?" if eta is None else tqdm.format_interval(eta),
+                             tok_s=f"{steps * self.tokens_per_step / seconds:,.0f}" if steps and seconds else "?",
+                             **postfix, refresh=False)
+        self.bar.update(1)
+
+    def timed(self) -> tuple[int, float]:
+        """Steps done, and seconds passed, since the end of the first step."""
+        if self.warm is None:
+            return 0, 0.0
+        return self.step - self.warm[1], self.clock() - self.warm[0]
+
+    def eta(self) -> float | None:
+        return remaining_seconds(*self.timed(), self.total - self.step)
+
+    def write(self, line: str):
+        if not self.bar.disable:  # to the bar's stream, stderr: tqdm's own default is stdout, the command's output
+            tqdm.write(line, file=self.file)
+
+    def close(self):
+        self.bar.close()
+
+
+DEFAULT_WARMUP_LIMIT = 2000  # steps: about the longest warmup in common use (nanoGPT's, Llama's)
+
+
+def warmup_warning(opts: TrainOptions) -> str | None:
+    """A default warmup (5 % of the steps) far longer than any run needs keeps the learning rate near zero: 10¹²
+    steps would train at ~5e-11 for as long as anyone waits."""
+    if opts.warmup_steps != -1 or opts.warmup <= DEFAULT_WARMUP_LIMIT:
+        return None
+    return (f"spj-edge: warning: the default warmup is 5 % of --steps: the learning rate climbs from "
+            f"{lr_at(0, opts):.1e} to {opts.lr:g} over {opts.warmup:,} steps; --warmup-steps N sets a shorter one "
+            f"(a few hundred to {DEFAULT_WARMUP_LIMIT:,} is usual)")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) during the loop asks to stop after the current step, so that what is saved is a whole step:
+    an interrupt inside optimizer.step() would save some weights updated and the others not. A second Ctrl-C stops
+    at once. Installed only where SIGINT has Python's default handler and only in the main thread; under torchrun
+    every rank gets the signal at its own point of the loop, so Ctrl-C stops at once there (the ranks could not
+    agree on a last step)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.previous = enabled, False, None
+
+    def __enter__(self) -> StopRequest:
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._request)
+        return self
+
+    def _request(self, signum, frame):
+        signal.signal(signal.SIGINT, self.previous)
+        self.requested = True
+        # os.write, not print: the handler may run in the middle of a print to the same stream
+        os.write(2, "\ninterrupted: stopping after this step (Ctrl-C again: at once)\n".encode())
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def resume_command(verb: str) -> str | None:
+    """The command line of this process plus --resume, if it is `spj-edge VERB ...` (not the Python API, nor the
+    demo, which trains through the library)."""
+    program, args = Path(sys.argv[0]), sys.argv[1:]
+    if program.parent.name == "spj_edge" and program.suffix == ".py":  # python -m spj_edge[.cli]
+        launcher = [sys.executable, "-m", "spj_edge" if program.stem == "__main__" else f"spj_edge.{program.stem}"]
+    elif program.stem == "spj-edge":
+        launcher = [sys.argv[0]]
+    else:
+        return None
+    if not args or args[0] != verb:
+        return None
+    return shlex.join([*launcher, *args, *([] if "--resume" in args else ["--resume"])])
+
+
+def interrupted_message(stage: str, step: int, steps: int, out: Path | None) -> str:
+    where = f"{stage}: interrupted at step {step:,} of {steps:,}"
+    if out is None:
+        return f"{where}; nothing saved (no output directory)"
+    command = resume_command(stage)
+    how = f"continue it with: {command}" if command else "resume=True with the same settings continues it"
+    return f"{where}; saved a checkpoint with its train state in {out}; {how}"
+
+
 # --- the loop -------------------------------------------------------------------------------------------------------
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -218,10 +336,8 @@ def fit(model: Transformer, tokenizer: Tokenizer, dataset: Dataset, opts: TrainO
             "tokens_per_s": tokens / elapsed if elapsed else None, **(report_extra or {}),
         }
 
-    bar = tqdm(total=opts.steps, initial=step, desc=stage, unit="step", disable=not procs.main, dynamic_ncols=True,
-               mininterval=0.2 if sys.stderr.isatty() else 15)  # a log file gets a line every 15 s, not a flood
-    started, tokens_done, start_step = time.perf_counter(), 0, step
-    while step < opts.steps:
+    def train_step() -> tuple[float, float, float]:
+        """The optimizer step that follows `step`: its summed loss, gradient norm and learning rate."""
         lr = lr_at(step, opts)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -241,21 +357,35 @@ def fit(model: Transformer, tokenizer: Tokenizer, dataset: Dataset, opts: TrainO
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_done += global_batch * block
-        elapsed = time.perf_counter() - started
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_done / elapsed:,.0f}", refresh=False)
-        if step % opts.eval_every == 0 or step == opts.steps:
-            metrics = heldout_metrics(model, val_windows, byte_lengths, opts.batch_size, amp_dtype)
-            history.append({"step": step, "train_loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
-                            "elapsed_s": round(elapsed, 2), "heldout": metrics})
-            if procs.main:
-                bar.write(f"step {step}: train loss {loss_sum:.3f}, held-out loss {metrics['loss']:.3f}, "
-                          f"ppl {metrics['perplexity']:.1f}, {metrics['bits_per_byte']:.3f} bits/byte")
-        if (opts.save_every and step % opts.save_every == 0) or step == opts.steps:
-            checkpoint(report(elapsed, tokens_done))
-    bar.close()
+        return loss_sum, grad_norm, lr
+
+    if procs.main and step < opts.warmup and (warning := warmup_warning(opts)):
+        print(warning, file=sys.stderr)
+    progress = Progress(stage, opts.steps, step, global_batch * block, compiling=opts.compile, enabled=procs.main)
+    started, tokens_done, start_step = time.perf_counter(), 0, step
+    with StopRequest(enabled=procs.world == 1) as stop:
+        while step < opts.steps:
+            loss_sum, grad_norm, lr = train_step()
+            step += 1
+            tokens_done += global_batch * block
+            elapsed = time.perf_counter() - started
+            progress.advance(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+            if step % opts.eval_every == 0 or step == opts.steps:
+                metrics = heldout_metrics(model, val_windows, byte_lengths, opts.batch_size, amp_dtype)
+                history.append({"step": step, "train_loss": loss_sum, "grad_norm": grad_norm, "lr": lr,
+                                "elapsed_s": round(elapsed, 2), "heldout": metrics})
+                if procs.main:
+                    progress.write(f"step {step}: train loss {loss_sum:.3f}, held-out loss {metrics['loss']:.3f}, "
+                                   f"ppl {metrics['perplexity']:.1f}, {metrics['bits_per_byte']:.3f} bits/byte")
+            stopping = stop.requested and step < opts.steps
+            if (opts.save_every and step % opts.save_every == 0) or step == opts.steps or stopping:
+                checkpoint(report(elapsed, tokens_done))
+            if stopping:
+                progress.close()
+                if procs.main:
+                    print(interrupted_message(stage, step, opts.steps, out), file=sys.stderr)
+                raise KeyboardInterrupt
+    progress.close()
     elapsed = time.perf_counter() - started
     final = report(elapsed, tokens_done)
     if procs.main and step > start_step:
@@ -288,6 +418,11 @@ def load_dataset(texts: dict[Path, str], tokenizer: Tokenizer, block_size: int, 
                          val_stream, source=", ".join(map(str, texts)))
 
 
+def check_resumable(out: Path | None) -> None:
+    if out is None or not (out / STATE_DIR / "state.json").is_file():
+        raise SPJError(f"{out}: nothing to resume (no {STATE_DIR}/state.json); run without --resume")
+
+
 def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOptions = TrainOptions(), *,
           tokenizer: str | Path | Tokenizer | None = None, val_data: list | None = None, resume: bool = False,
           overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
@@ -295,11 +430,12 @@ def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOpti
     out = Path(out) if out is not None else None
     procs = Processes.start()
     if resume:
-        if out is None or not (out / STATE_DIR / "state.json").is_file():
-            raise SPJError(f"{out}: nothing to resume (no {STATE_DIR}/state.json); run without --resume")
+        check_resumable(out)
+    if out is not None:
+        given_tokenizer = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        check_output(out, [*data, *(val_data or []), given_tokenizer], overwrite=overwrite, resume=resume)
+    if resume:
         tokenizer = out / "tokenizer.json"
-    elif out is not None:
-        refuse_existing_output(out, overwrite)
     procs.barrier()  # every rank has looked at `out` before rank 0 may write it
     texts = read_texts(data)
     if isinstance(tokenizer, Tokenizer):
