@@ -86,11 +86,17 @@ def test_control_flow_and_unknown_ops_are_refused(pkg, tmp_path):
     def subgraph(proto):  # an allowed op carrying a graph: refused too, whatever onnxruntime would make of it
         proto.graph.node[0].attribute.append(onnx.helper.make_attribute("g", onnx.helper.make_graph([], "g", [], [])))
 
-    with pytest.raises(SPJError, match="model.onnx: has a 'Loop' node, an op type spj-edge's exporter and quantizer "
-                                       "never write"):
-        Generator.load(with_graph(pkg, tmp_path / "loop.spj", loop))
-    with pytest.raises(SPJError, match=r"model.onnx: has a subgraph \(control flow\)"):
-        Generator.load(with_graph(pkg, tmp_path / "subgraph.spj", subgraph))
+    def unknown(proto):
+        proto.graph.node.append(onnx.helper.make_node("Relu", ["input_ids"], ["relu"]))
+        proto.graph.node.append(onnx.helper.make_node("Custom", ["relu"], ["custom"], domain="example.com"))
+
+    for name, change in (("loop", loop), ("subgraph", subgraph)):
+        with pytest.raises(SPJError, match=r"model.onnx: has a subgraph \(control flow\), which spj-edge never "
+                                           "writes; refusing to load it"):
+            Generator.load(with_graph(pkg, tmp_path / f"{name}.spj", change))
+    with pytest.raises(SPJError, match="model.onnx: has 'Relu', 'example.com.Custom' nodes, op types spj-edge's "
+                                       "exporter and quantizer never write"):
+        Generator.load(with_graph(pkg, tmp_path / "unknown.spj", unknown))
 
 
 # --- item 4 and 5: a manifest must describe its graph, within limits --------------------------------------------------

@@ -46,6 +46,7 @@ class Graph:
     inputs: list[tuple[str, int, tuple]] = field(default_factory=list)  # name, element type, dims (int or str)
     outputs: list[tuple[str, int, tuple]] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
+    ops: set[tuple[str, str]] = field(default_factory=set)  # (domain, op_type), "" for ai.onnx
 
 
 def check_graph(model: bytes, manifest: dict, where: str) -> None:
@@ -55,7 +56,15 @@ def check_graph(model: bytes, manifest: dict, where: str) -> None:
     except _Malformed as e:
         raise SPJError(f"{where}: {e}") from None
     _check_io(graph, manifest, where)
+    _check_ops(graph, where)
     _check_metadata(graph, manifest, where)
+
+
+def _check_ops(graph: Graph, where: str) -> None:
+    unknown = sorted(f"{domain}.{op}" if domain else op for domain, op in graph.ops - ALLOWED_OPS)
+    if unknown:
+        raise SPJError(f"{where}: has {', '.join(map(repr, unknown))} nodes, op types spj-edge's exporter and "
+                       "quantizer never write; refusing to load it")
 
 
 def _check_io(graph: Graph, manifest: dict, where: str) -> None:
@@ -132,7 +141,7 @@ class _Walk:
     def _graph(self, data: memoryview, graph: Graph) -> None:
         for number, value in self._fields(data):
             if number == 1:
-                self._node(_message(value, "node"))
+                graph.ops.add(self._node(_message(value, "node")))
             elif number == 5:
                 self._tensor(_message(value, "initializer"))
             elif number == 15:
@@ -140,7 +149,7 @@ class _Walk:
             elif number in (11, 12):
                 (graph.inputs if number == 11 else graph.outputs).append(self._value_info(_message(value, "input")))
 
-    def _node(self, data: memoryview) -> None:
+    def _node(self, data: memoryview) -> tuple[str, str]:
         op_type, domain = "", ""
         attributes = []
         for number, value in self._fields(data):
@@ -150,13 +159,9 @@ class _Walk:
                 domain = _text(value)
             elif number == 5:
                 attributes.append(_message(value, "attribute"))
-        domain = "" if domain == "ai.onnx" else domain
-        if (domain, op_type) not in ALLOWED_OPS:
-            name = f"{domain}.{op_type}" if domain else op_type
-            raise _Malformed(f"has a {name!r} node, an op type spj-edge's exporter and quantizer never write; "
-                             "refusing to load it")
         for attribute in attributes:
             self._attribute(attribute)
+        return "" if domain == "ai.onnx" else domain, op_type
 
     def _attribute(self, data: memoryview) -> None:
         for number, value in self._fields(data):
