@@ -182,7 +182,9 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
               "table": rows, "export": {k: exported[k] for k in ("graph", "opset", "nodes", "file_bytes", "checks")},
               "int8": {k: int8[k] for k in ("gate", "executed", "file_bytes", "decode_speedup")},
               "package": {"path": packaged["out"], "files": packaged["files"]},
-              "bench": {"machine": speed["machine"], "settings": speed["settings"]},
+              "bench": {"machine": speed["machine"], "settings": speed["settings"],
+                        "models": {name: {"roofline_warning": row.get("roofline_warning")}
+                                   for name, row in speed["models"].items()}},
               "eval_settings": evals["teacher"]["settings"], "samples": samples}
     write_json(out / "report.json", report)
     write_text(out / "REPORT.md", markdown_report(report, out, stages, evals))
@@ -249,12 +251,16 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         "*Agree*: top-1 next-token agreement with the stage it was made "
         "from (*vs*). BLEU, ROUGE-L (F1) and METEOR score greedy continuations of held-out half-lines against the "
         "other half. *tok/s*: batch-1 greedy decode, median of interleaved repetitions; *roofline*: that speed as a "
-        "share of what this machine's measured memory bandwidth allows for the bytes each token reads.",
+        "share of what this machine's measured memory bandwidth allows for the bytes each token must read from memory "
+        "(those the CPU cache cannot hold); *-* where no share can be trusted, for the reason below the chart.",
         markdown_table(COLUMNS, [[name, *(format_cell(k, row[k]) for k in KEYS)] for name, row in table.items()]),
         "![decode speed against file size, coloured by bits per byte](bench.png)",
         f"Bench: {bench_settings['prompt_tokens']}-token prompt, {bench_settings['new_tokens']} new tokens, "
         f"{bench_settings['repetitions']} repetitions, {machine['threads']} thread(s); memory bandwidth "
-        f"{machine['bandwidth_gb_s']:.1f} GB/s. Details: `bench.json`.",
+        f"{machine['bandwidth_gb_s']:.1f} GB/s (median; {machine['bandwidth_min_max'][0]:.1f}–"
+        f"{machine['bandwidth_min_max'][1]:.1f} over the rounds). Details: `bench.json`.",
+        *sorted({f"No roofline share: {row['roofline_warning']}" for row in report["bench"]["models"].values()
+                 if row.get("roofline_warning")}),
         "## Quantization",
         f"Static int8 against the float32 export, on held-out text: top-1 agreement {gate['top1_agreement']:.1%}, "
         f"bits per byte {gate['bits_per_byte_float']:.4f} → {gate['bits_per_byte']:.4f} "

@@ -42,17 +42,15 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_toke
 
 def generate_text(checkpoint: str, prompt: str, max_new_tokens: int, params: SamplingParams, ignore_eos: bool,
                   stream: TextIO) -> str:
-    """The `spj-edge generate` verb: stream the continuation of `prompt` as it is produced."""
+    """The `spj-edge generate` verb: stream the continuation of `prompt` as it is produced, as the runtime does."""
     from .checkpoint import load_checkpoint
+    from .runtime.generator import text_pieces
 
     model, tokenizer = load_checkpoint(checkpoint)
-    new_ids, shown = [], ""
-    for token in generate(model, tokenizer, prompt, max_new_tokens, params, ignore_eos):
-        new_ids.append(token)
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            stream.write(text[len(shown):])
-            stream.flush()
-            shown = text
-    stream.write(tokenizer.decode(new_ids)[len(shown):] + "\n")
-    return tokenizer.decode(new_ids)
+    pieces = []
+    for piece in text_pieces(tokenizer, generate(model, tokenizer, prompt, max_new_tokens, params, ignore_eos)):
+        stream.write(piece)
+        stream.flush()
+        pieces.append(piece)
+    stream.write("\n")
+    return "".join(pieces)
