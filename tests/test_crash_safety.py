@@ -30,6 +30,8 @@ from spj_edge.checkpoint import checkpoint_sha256, load_checkpoint
 from spj_edge.outputs import _exchange
 from spj_edge.runtime import Generator
 
+pytestmark = pytest.mark.slow  # SIGKILL trials: real processes killed at random moments
+
 SEED = int(os.environ.get("SPJ_CRASH_SEED", "8"))
 ENV = {"OMP_NUM_THREADS": "1"}  # one thread: every run of the same command computes the same bits
 # Enough steps that the loop, with a checkpoint every 4 steps, is about half of a run (the rest: start-up).

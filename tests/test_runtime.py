@@ -269,6 +269,7 @@ def test_bad_requests_fail_before_any_work(pkg, generator):
         assert_one_line_error(runtime_cli("--model", pkg, "--prompt", "Hi", *flags), message)
 
 
+@pytest.mark.slow
 def test_a_fresh_venv_with_pip_install_and_no_extras_generates(pkg, generator, tmp_path):
     """The base install, as a user gets it: a copy of the repository, `pip install .` into a new venv, no torch."""
     source = tmp_path / "spj-edge"
@@ -289,3 +290,8 @@ def test_a_fresh_venv_with_pip_install_and_no_extras_generates(pkg, generator, t
                          "--max-new-tokens", "32", "--ignore-eos", python=python, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout == generator.generate(PROMPTS[1], max_new_tokens=32, temperature=0, ignore_eos=True) + "\n"
+    spj_edge = str(env_dir / "bin" / "spj-edge")
+    usage = subprocess.run([spj_edge, "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert usage.returncode == 0 and "quantize" in usage.stdout, usage.stderr
+    assert_one_line_error(subprocess.run([spj_edge, "export", "--model", str(pkg)], capture_output=True, text=True,
+                                         cwd=tmp_path), "pip install 'spj-edge[toolchain]'")

@@ -70,6 +70,7 @@ def read_weights(path):
     return load_model(path).state_dict()
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
     reference = tmp_path / "reference"
     assert run_cli(*TRAIN_ARGS, "--out", reference).returncode == 0
