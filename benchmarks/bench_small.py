@@ -18,9 +18,11 @@ import torch
 
 from spj_edge.bench import bench
 from spj_edge.checkpoint import save_checkpoint
+from spj_edge.config import load_preset
 from spj_edge.data import read_texts
 from spj_edge.export import export
-from spj_edge.model import Transformer, load_preset
+from spj_edge.model import Transformer
+from spj_edge.options import QuantizeOptions
 from spj_edge.package import package
 from spj_edge.quantize import quantize
 from spj_edge.tokenizer import train_tokenizer
@@ -47,8 +49,8 @@ def main():
         save_checkpoint(tmp / "ckpt", Transformer(config), tokenizer)
         export(tmp / "ckpt", tmp / "fp32")
         for mode in args.modes:
-            quantize(tmp / "fp32", tmp / mode, calib=[DATA / "ud"], mode=mode, force=True, measure=False,
-                     calib_samples=16)
+            quantize(tmp / "fp32", tmp / mode, calib=[DATA / "ud"],
+                     options=QuantizeOptions(mode=mode, force=True, measure=False, calib_samples=16))
         packages = {name: tmp / f"{name}.spj" for name in ["fp32", *args.modes]}
         for name, path in packages.items():
             package(tmp / name, path)

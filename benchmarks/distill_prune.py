@@ -21,10 +21,11 @@ import time
 from pathlib import Path
 
 from spj_edge.checkpoint import load_model
+from spj_edge.config import load_preset
 from spj_edge.distill import distill
 from spj_edge.export import export
-from spj_edge.model import load_preset
 from spj_edge.onnx_lm import measure_speed
+from spj_edge.options import PruneOptions
 from spj_edge.prune import prune
 from spj_edge.train import TrainOptions, train
 
@@ -75,11 +76,12 @@ def main():
                                          alpha=alpha, overwrite=True)
 
     # 2. half the teacher's FFN, pruned, then recovered by distillation; and the unstructured control
-    pruned = prune(teacher, out / "teacher_ffn50", ffn_ratio=0.5, calib=data, overwrite=True)
+    pruned = prune(teacher, out / "teacher_ffn50", calib=data, options=PruneOptions(ffn_ratio=0.5), overwrite=True)
     _, _, recovered = distill(teacher, out / "teacher_ffn50_distilled", student_dir=out / "teacher_ffn50", data=data,
                               val_data=val, opts=options(args.recover_steps, lr=args.recover_lr),
                               temperature=args.temperature, overwrite=True)
-    sparse = prune(teacher, out / "teacher_magnitude50", ffn_ratio=0.5, method="magnitude", overwrite=True)
+    sparse = prune(teacher, out / "teacher_magnitude50", options=PruneOptions(ffn_ratio=0.5, method="magnitude"),
+                   overwrite=True)
     graphs = {}
     for name, checkpoint in (("teacher", teacher), ("pruned_distilled", out / "teacher_ffn50_distilled"),
                              ("magnitude", out / "teacher_magnitude50")):

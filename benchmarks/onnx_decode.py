@@ -15,8 +15,9 @@ import time
 import onnxruntime as ort
 import torch
 
+from spj_edge.config import load_preset
 from spj_edge.export import export_plain, verify
-from spj_edge.model import Transformer, load_preset
+from spj_edge.model import Transformer
 from spj_edge.onnx_fused import build_fused_model
 from spj_edge.onnx_lm import measure_speed
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 
 from spj_edge.checkpoint import save_checkpoint
+from spj_edge.config import load_preset
 from spj_edge.data import read_texts
 from spj_edge.export import export
-from spj_edge.model import Transformer, load_preset
+from spj_edge.model import Transformer
 from spj_edge.onnx_lm import measure_speed
+from spj_edge.options import QuantizeOptions
 from spj_edge.quantize import quantize
 from spj_edge.tokenizer import train_tokenizer
 
@@ -43,8 +45,8 @@ def main():
         export(tmp / "ckpt", tmp / "onnx")
         models, result = {"float32": tmp / "onnx" / "model.onnx"}, {}
         for mode in args.modes:
-            report = quantize(tmp / "onnx", tmp / mode, calib=[DATA / "ud"], mode=mode, force=True, measure=False,
-                              calib_samples=16)
+            report = quantize(tmp / "onnx", tmp / mode, calib=[DATA / "ud"],
+                              options=QuantizeOptions(mode=mode, force=True, measure=False, calib_samples=16))
             models[mode] = tmp / mode / "model.onnx"
             result[mode] = {"file_mb": round(models[mode].stat().st_size / 1e6, 1), "executed": report["executed"]}
         result["float32"] = {"file_mb": round(models["float32"].stat().st_size / 1e6, 1)}

@@ -27,8 +27,9 @@ import torch
 
 from spj_edge.bench import cache_bytes, memory_bandwidth_gb_s, roofline, weight_bytes_per_token
 from spj_edge.checkpoint import save_checkpoint
+from spj_edge.config import load_preset
 from spj_edge.export import export
-from spj_edge.model import Transformer, load_preset
+from spj_edge.model import Transformer
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.runtime.generator import default_threads

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from spj_edge.model import load_preset
+from spj_edge.config import load_preset
 from spj_edge.train import TrainOptions, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "tinyshakespeare"

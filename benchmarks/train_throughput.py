@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from spj_edge.model import Transformer, load_preset
+from spj_edge.config import load_preset
+from spj_edge.model import Transformer
 from spj_edge.train import autocast_dtype, lm_loss
 
 

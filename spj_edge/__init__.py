@@ -23,7 +23,7 @@ def __getattr__(name: str):
 
         return SlimPajama
     if name == "SPJConfig":
-        from .model import SPJConfig
+        from .config import SPJConfig
 
         return SPJConfig
     raise AttributeError(f"module 'spj_edge' has no attribute {name!r}")

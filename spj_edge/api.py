@@ -8,7 +8,8 @@ from tokenizers import Tokenizer
 from .checkpoint import load_checkpoint, save_checkpoint
 from .errors import SPJError
 from .generate import generate
-from .model import SPJConfig, Transformer, load_preset
+from .config import SPJConfig, load_preset
+from .model import Transformer
 from .outputs import staged_dir
 from .sampling import SamplingParams
 from .train import TrainOptions, train

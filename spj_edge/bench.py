@@ -57,10 +57,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import ModuleType
 
 import numpy as np
 
+from .config import SPJConfig
 from .errors import SPJError
 
 SEED = 0
@@ -85,7 +86,7 @@ class Model:
     name: str
     path: Path
     kind: str  # "onnx", "package" or "torch"
-    config: dict  # Hugging Face config keys: plain data, so that a worker can take it without importing torch
+    config: SPJConfig  # torch-free: a worker takes it without importing torch
     context: int
     file_bytes: int
     parameters: int
@@ -215,43 +216,26 @@ def spread(values: list[float]) -> float:
 
 # --- what each model is, read in the parent ------------------------------------------------------------------------
 def inspect_model(path: Path, name: str, is_torch: bool) -> Model:
-    """The model's shape, file size and bytes read per token, with every check that can fail before a worker starts."""
-    from .evaluate import model_kind
-    from .model import SPJConfig
-    from .outputs import parse_onnx, read_json, read_onnx
-    from .runtime import read_package
+    """The model's shape, file size and bytes read per token, with every check that can fail before a worker starts
+    (a package's hashes, a graph that does not parse)."""
+    from .artifact import artifact_kind, open_artifact
 
-    kind = model_kind(path)
+    kind = artifact_kind(path)
     if is_torch and kind != "torch":
         raise SPJError(f"{path}: not a PyTorch checkpoint (expected a directory with config.json and "
                        "model.safetensors)")
     if not is_torch and kind not in ("onnx", "package"):
         hint = ": a PyTorch checkpoint, give it with --torch" if kind == "torch" else ""
         raise SPJError(f"{path}: not a model to benchmark{hint} (expected {EXPECTED})")
-
-    if kind == "torch":
-        config, source, proto = read_json(path / "config.json"), path / "config.json", None
-        file_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    elif kind == "package":
-        package = read_package(path)  # verifies the hashes: a damaged package fails here, not in a worker
-        config, source = package.config, f"{path}: spj.json"
-        proto = parse_onnx(package.files["model.onnx"], f"{path}: model.onnx")
-        file_bytes = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir()
-                                                                       if f.is_file())
-    else:
-        if not (path / "config.json").is_file():
-            raise SPJError(f"{path}: no config.json beside model.onnx (expected {EXPECTED})")
-        config, source = read_json(path / "config.json"), path / "config.json"
-        _, proto = read_onnx(path)
-        file_bytes = (path / "model.onnx").stat().st_size
-    cfg = SPJConfig.from_hf_dict(config, source=str(source))
-    if proto is None:  # float32 parameters: the embedding table is read one row a token, a tied head in full
+    artifact = open_artifact(path)
+    cfg = artifact.config
+    if kind == "torch":  # float32 parameters: the embedding table is read one row a token, a tied head in full
         h = cfg.hidden_size
         weights = 4 * (cfg.num_parameters() - cfg.vocab_size * h + h + (cfg.vocab_size * h if cfg.tie_word_embeddings
                                                                          else 0))
     else:
-        weights = weight_bytes_per_token(proto.graph)
-    return Model(name, path, kind, {**config, "head_dim": cfg.head_dim}, cfg.max_position_embeddings, file_bytes,
+        weights = weight_bytes_per_token(artifact.proto.graph)
+    return Model(name, path, kind, cfg, cfg.max_position_embeddings, artifact.file_bytes,
                  cfg.num_parameters(), weights, 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4)
 
 
@@ -345,7 +329,7 @@ def serve(conn, factory, args: tuple):
             pass
 
 
-def model_runner(kind: str, path: str, config: dict, threads: int, prompt_tokens: int, new_tokens: int):
+def model_runner(kind: str, path: str, config: SPJConfig, threads: int, prompt_tokens: int, new_tokens: int):
     """A model loaded and warmed up, as a function seed → (prompt ms, decode tokens/s) of one timed generation."""
     run = load_runner(kind, path, config, threads)
     run(*WARMUP, np.random.default_rng(SEED))
@@ -366,7 +350,7 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def load_runner(kind: str, path: str, config: dict, threads: int):
+def load_runner(kind: str, path: str, config: SPJConfig, threads: int):
     """A function (prompt length, new tokens, rng) → (prompt ms, decode tokens/s) for one greedy generation from a
     prompt of random ids. Imports only what its kind needs."""
     from .runtime.speed import Timing, measure
@@ -374,7 +358,7 @@ def load_runner(kind: str, path: str, config: dict, threads: int):
     if kind == "onnx":
         from .onnx_lm import OnnxLM
 
-        return OnnxLM(Path(path) / "model.onnx", SimpleNamespace(**config), threads).decode_rate
+        return OnnxLM(Path(path) / "model.onnx", config, threads).decode_rate
     if kind == "package":
         from .runtime import Generator
 
@@ -471,7 +455,7 @@ def cpu_name() -> str:
 # --- output --------------------------------------------------------------------------------------------------------
 def print_result(result: dict) -> None:
     """The table on stderr, then each reason a share is not shown, once."""
-    from .outputs import print_table
+    from .tables import print_table
 
     machine, settings = result["machine"], result["settings"]
     with_quality = any("bits_per_byte" in r for r in result["models"].values())

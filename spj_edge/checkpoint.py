@@ -13,15 +13,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from .artifact import CONFIG, WEIGHTS, CheckpointArtifact, open_checkpoint
 from .errors import SPJError
-from .model import SPJConfig, Transformer
-from .outputs import read_json, write_json
-from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer
+from .model import Transformer
+from .outputs import write_json
+from .tokenizer import save_tokenizer
 
-WEIGHTS = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
-# What PyTorch, pickle and Lightning name their pickled weights: named in the refusal, never opened.
-PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
 
 
 def hf_name(name: str) -> str:
@@ -32,7 +29,7 @@ def hf_name(name: str) -> str:
 def save_checkpoint(directory: Path, model: Transformer, tokenizer: Tokenizer | None, report: dict | None = None):
     """Write into an existing (staged) directory; the caller makes the directory appear atomically."""
     directory.mkdir(parents=True, exist_ok=True)
-    write_json(directory / "config.json", model.config.to_hf_dict())
+    write_json(directory / CONFIG, model.config.to_hf_dict())
     # Tied embeddings are stored once, as Hugging Face does; .contiguous() because safetensors refuses views.
     tensors = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
@@ -42,32 +39,9 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer: Tokenizer | 
         write_json(directory / "report.json", report)
 
 
-def load_config(directory: Path) -> SPJConfig:
-    if not directory.exists():
-        raise SPJError(f"{directory}: no such checkpoint directory")
-    if not directory.is_dir():
-        raise SPJError(f"{directory}: expected a checkpoint directory (config.json + model.safetensors), found a file")
-    return SPJConfig.from_hf_dict(read_json(directory / "config.json"), source=str(directory / "config.json"))
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    if (directory / WEIGHTS).is_file():
-        return [directory / WEIGHTS]
-    if (directory / WEIGHTS).is_dir():
-        raise SPJError(f"{directory / WEIGHTS}: is a directory, expected a safetensors file")
-    if (directory / WEIGHTS_INDEX).is_file():
-        shards = sorted(set(read_json(directory / WEIGHTS_INDEX).get("weight_map", {}).values()))
-        if not shards:
-            raise SPJError(f"{directory / WEIGHTS_INDEX}: empty weight_map")
-        return [directory / s for s in shards]
-    pickles = sorted(p.name for pattern in PICKLES for p in directory.glob(pattern))
-    hint = f" ({', '.join(pickles)}: pickles, which are never loaded: they can run any code)" if pickles else ""
-    raise SPJError(f"{directory}: no {WEIGHTS}{hint}")
-
-
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(weight_files: list[Path]) -> dict[str, torch.Tensor]:
     tensors = {}
-    for path in _weight_files(directory):
+    for path in weight_files:
         if not path.is_file():
             raise SPJError(f"{path}: missing weight shard")
         try:
@@ -82,9 +56,13 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(directory: str | Path) -> Transformer:
-    directory = Path(directory)
-    config = load_config(directory)
-    tensors = read_state_dict(directory)
+    return model_of(open_checkpoint(directory))
+
+
+def model_of(checkpoint: CheckpointArtifact) -> Transformer:
+    """The network with the checkpoint's weights, each checked against the shape its config implies."""
+    directory, config = checkpoint.path, checkpoint.config
+    tensors = read_state_dict(checkpoint.weight_files)
     model = Transformer(config)
     expected = {hf_name(k): v for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:  # some exporters store the tied head twice
@@ -106,18 +84,15 @@ def load_model(directory: str | Path) -> Transformer:
 
 def load_checkpoint(directory: str | Path) -> tuple[Transformer, Tokenizer]:
     """The model and its tokenizer, checked against each other."""
-    directory = Path(directory)
-    model = load_model(directory)
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
-    check_matches_model(tokenizer, model.config.vocab_size, str(directory / "tokenizer.json"))
-    return model, tokenizer
+    checkpoint = open_checkpoint(directory)
+    return model_of(checkpoint), checkpoint.tokenizer
 
 
 def checkpoint_sha256(directory: str | Path) -> str:
     """A hash of the weights and config, recorded by later stages to name their source."""
-    directory = Path(directory)
+    checkpoint = open_checkpoint(directory)
     digest = hashlib.sha256()
-    for path in [directory / "config.json", *_weight_files(directory)]:
+    for path in [checkpoint.path / CONFIG, *checkpoint.weight_files]:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)

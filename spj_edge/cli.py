@@ -6,29 +6,28 @@ import sys
 from pathlib import Path
 
 from .errors import ArgumentParser, run_command
+from .options import CALIB_HELD_OUT, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions, add_flags, from_flags
 
 
 def cmd_tokenizer(args):
-    from .tokenizer import build_tokenizer
+    from .tokenizer_stage import build_tokenizer
 
     build_tokenizer(args.data, args.vocab_size, Path(args.out), overwrite=args.overwrite)
 
 
 def cmd_train(args):
-    from .model import load_preset
-    from .options import TrainOptions
+    from .config import load_preset
     from .train import train
 
-    opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
+    opts = from_flags(TrainOptions, args)
     train(load_preset(args.preset), args.data, args.out, opts, tokenizer=args.tokenizer, val_data=args.val_data,
           resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_distill(args):
     from .distill import distill
-    from .options import TrainOptions
 
-    opts = TrainOptions(**{k: getattr(args, k) for k in TRAIN_FLAGS})
+    opts = from_flags(TrainOptions, args)
     distill(args.teacher, args.out, preset=args.preset, student_dir=args.student, data=args.data, opts=opts,
             temperature=args.temperature, alpha=args.alpha, val_data=args.val_data, resume=args.resume,
             overwrite=args.overwrite)
@@ -37,8 +36,7 @@ def cmd_distill(args):
 def cmd_prune(args):
     from .prune import prune
 
-    prune(args.model, args.out, ffn_ratio=args.ffn_ratio, head_ratio=args.head_ratio, importance=args.importance,
-          calib=args.calib, method=args.method, multiple=args.multiple, overwrite=args.overwrite)
+    prune(args.model, args.out, calib=args.calib, options=from_flags(PruneOptions, args), overwrite=args.overwrite)
 
 
 def cmd_generate(args):
@@ -56,11 +54,7 @@ def cmd_export(args):
 def cmd_quantize(args):
     from .quantize import quantize
 
-    quantize(args.model, args.out, calib=args.calib, mode=args.mode, target=args.target,
-             calib_samples=args.calib_samples, calibration=args.calibration, per_channel=args.per_channel,
-             exclude=tuple(args.exclude), auto_exclude=args.auto_exclude, eval_data=args.eval,
-             max_bpb_increase=args.max_bpb_increase, min_agreement=args.min_agreement, block_size=args.block_size,
-             accuracy_level=args.accuracy_level, smoothquant=args.smoothquant, force=args.force,
+    quantize(args.model, args.out, calib=args.calib, eval_data=args.eval, options=from_flags(QuantizeOptions, args),
              overwrite=args.overwrite)
 
 
@@ -73,8 +67,8 @@ def cmd_package(args):
 def cmd_eval(args):
     from .evaluate import evaluate
 
-    evaluate(args.model, args.data, baseline=args.baseline, json_out=args.json, windows=args.windows,
-             prompts=args.prompts, new_tokens=args.new_tokens)
+    evaluate(args.model, args.data, baseline=args.baseline, json_out=args.json,
+             options=from_flags(EvalOptions, args))
 
 
 def cmd_bench(args):
@@ -97,41 +91,22 @@ def sampling_params(args):
                           repetition_penalty=args.repetition_penalty, seed=args.seed)
 
 
-TRAIN_FLAGS = ("steps", "batch_size", "grad_accum", "lr", "warmup_steps", "weight_decay", "grad_clip", "precision",
-               "seed", "eval_every", "eval_windows", "save_every", "val_fraction", "compile")
-
-
 def add_training_flags(p: argparse.ArgumentParser):
-    from .options import PRECISIONS, TrainOptions
-
-    d = TrainOptions()
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or directories (recursive)")
     p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text (default: a seeded split of --data)")
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per micro-batch and process")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="default: 5%% of the steps")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 where the CPU or GPU has it, fp16 on older GPUs, else fp32")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
-    p.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows per evaluation")
-    p.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoints (0: at the end)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model: slow start, faster steps")
+    add_flags(p, TrainOptions)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser):
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    from .sampling import GENERATION_DEFAULTS as d
+
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
+    p.add_argument("--temperature", type=float, default=d["temperature"], help="0: greedy")
+    p.add_argument("--top-k", type=int, default=d["top_k"], help="0: no limit")
+    p.add_argument("--top-p", type=float, default=d["top_p"])
+    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
 
@@ -169,14 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("prune", help="structured pruning: remove FFN channels and attention heads")
     p.add_argument("--model", default="runs/teacher", help="checkpoint directory")
-    p.add_argument("--ffn-ratio", type=float, required=True, help="fraction of FFN channels to remove, in [0, 1)")
-    p.add_argument("--head-ratio", type=float, default=0.0, help="fraction of query heads to remove in each KV group")
-    p.add_argument("--importance", default="activation",
-                   help="activation: mean |activation| on --calib text (default); l1: weight norms")
-    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration text; a tenth is held out to measure on")
-    p.add_argument("--method", default="structured",
-                   help="structured (default), or magnitude: unstructured zeros, for comparison; shrinks nothing")
-    p.add_argument("--multiple", type=int, default=16, help="round the FFN width up to a multiple of this")
+    add_flags(p, PruneOptions)
+    p.add_argument("--calib", nargs="+", metavar="PATH", help=f"calibration text; the last {CALIB_HELD_OUT:.0%}% of "
+                                                             "each file is held out to measure on")
     p.add_argument("--out", default="runs/pruned")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_prune)
@@ -200,28 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("quantize", help="int8 (static with calibration, or dynamic) or int4, behind an accuracy gate")
     p.add_argument("--model", default="runs/onnx", help="a float export directory (default %(default)s)")
-    p.add_argument("--calib", nargs="+", metavar="PATH", help="calibration text; its last 20%% is held out for the "
-                                                             "gate unless --eval is given")
+    p.add_argument("--calib", nargs="+", metavar="PATH", help=f"calibration text; the last {CALIB_HELD_OUT:.0%}% of "
+                                                             "each file is held out for the gate unless --eval is given")
     p.add_argument("--out", help="default: runs/int8, or runs/int4 with --mode int4")
-    p.add_argument("--mode", choices=("static", "dynamic", "int4"), default="static")
-    p.add_argument("--target", default="auto", help="a profile in exporters/: x86-vnni, x86, arm64 (default: this CPU)")
-    p.add_argument("--calib-samples", type=int, default=32,
-                   help="calibration samples, each a 32-token prefill and 16 cached decode steps")
-    p.add_argument("--calibration", choices=("minmax", "entropy", "percentile"), help="default: the profile's")
-    p.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None,
-                   help="per-channel weight scales (default: the profile's)")
-    p.add_argument("--smoothquant", type=float, metavar="ALPHA", help="static: fold SmoothQuant scales (alpha, e.g. 0.5) "
-                                                                        "from each RMSNorm into the MatMul after it")
-    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="keep these MatMuls in float, e.g. "
-                                                                             "/lm_head/MatMul")
-    p.add_argument("--auto-exclude", action="store_true", help="keep the most sensitive MatMuls in float until the "
-                                                               "gate passes")
+    add_flags(p, QuantizeOptions)
     p.add_argument("--eval", nargs="+", metavar="PATH", help="held-out text for the gate")
-    p.add_argument("--max-bpb-increase", type=float, default=0.02, help="gate: relative (default 0.02 = 2%%)")
-    p.add_argument("--min-agreement", type=float, default=0.95, help="gate: top-1 agreement with float32")
-    p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale")
-    p.add_argument("--accuracy-level", type=int, default=4, help="int4: MatMulNBits compute type (4: int8)")
-    p.add_argument("--force", action="store_true", help="write a model that fails the gate, with a warning")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_quantize)
 
@@ -238,9 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a checkpoint, an ONNX export directory or a package")
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="held-out text files or directories")
     p.add_argument("--baseline", help="a second model (any kind) to compare with: top-1 agreement, continuations")
-    p.add_argument("--windows", type=int, default=32, help="scored windows per file, spread evenly (default %(default)s)")
-    p.add_argument("--prompts", type=int, default=16, help="held-out prompts per file to continue (default %(default)s)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens per greedy continuation (default %(default)s)")
+    add_flags(p, EvalOptions)
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.set_defaults(run=cmd_eval)
 

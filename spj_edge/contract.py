@@ -55,3 +55,11 @@ def check_inputs(names: list[str], num_layers: int, kv_heads: int, head_dim: int
     if list(names) != expected:
         raise SPJError(f"{where}: inputs {list(names)[:4]}… are not the spj-edge ONNX contract for its config "
                        f"({expected[:4]}…)")
+
+
+def check_input_names(names: list[str], where: str) -> None:
+    """Refuse, before its config is known, a graph whose inputs do not even begin as this table's: a foreign model."""
+    fixed = [s.name for s in inputs(0, 0, 0)]
+    if list(names)[:len(fixed)] != fixed:
+        raise SPJError(f"{where}: inputs {list(names)[:4]}… are not the spj-edge ONNX contract ({fixed}, then the KV "
+                       "cache)")

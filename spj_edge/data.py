@@ -10,6 +10,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import SPJError
+from .options import CALIB_HELD_OUT
 from .tokenizer import special_token_ids
 
 
@@ -73,6 +74,19 @@ def tokenize_corpus(texts: list[str], tokenizer: Tokenizer) -> np.ndarray:
     encoded = tokenizer.encode_batch_fast(docs, add_special_tokens=False)
     pieces = [np.array([ids["bos_token_id"], *e.ids, ids["eos_token_id"]], dtype=np.int64) for e in encoded]
     return np.concatenate(pieces)
+
+
+def calibration_split(paths: list, tokenizer: Tokenizer,
+                      held_out_fraction: float = CALIB_HELD_OUT) -> tuple[np.ndarray, np.ndarray]:
+    """`--calib` text, split as every stage splits it: each file tokenized as training sees text (tokenize_corpus),
+    its last `held_out_fraction` held out. Returns the calibration stream and the held-out stream."""
+    heads, tails = [], []
+    for text in read_texts(paths).values():
+        ids = tokenize_corpus([text], tokenizer)
+        cut = int(len(ids) * (1 - held_out_fraction))
+        heads.append(ids[:cut])
+        tails.append(ids[cut:])
+    return np.concatenate(heads), np.concatenate(tails)
 
 
 @dataclass

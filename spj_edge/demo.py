@@ -16,17 +16,19 @@ from pathlib import Path
 
 from . import evaluate as ev
 from .bench import bench
+from .config import load_preset
 from .distill import distill
 from .errors import SPJError
 from .export import export
-from .model import load_preset
-from .outputs import claim_output_dir, print_table, write_json, write_text
+from .options import EvalOptions, PruneOptions, QuantizeOptions, TrainOptions
+from .outputs import claim_output_dir, write_json, write_text
 from .package import package
 from .prune import prune
 from .quantize import quantize
 from .runtime import Generator
-from .tokenizer import build_tokenizer
-from .train import TrainOptions, train
+from .tables import print_table
+from .tokenizer_stage import build_tokenizer
+from .train import train
 
 LANGUAGES = {"en": "en_ewt", "fr": "fr_gsd", "de": "de_gsd", "es": "es_gsd", "zh": "zh_gsdsimp"}
 HELDOUT = ("shakespeare", *LANGUAGES)  # tinyshakespeare's val split, and each language's UD test set
@@ -46,7 +48,7 @@ class Plan:
     teacher: TrainOptions
     student: TrainOptions  # distilling the student, and recovering it after pruning
     head_ratio: float  # of the query heads in each KV group, pruned
-    eval: ev.Settings
+    eval: EvalOptions
     bench_new_tokens: int
     bench_repetitions: int
     sample_tokens: int
@@ -55,11 +57,11 @@ class Plan:
 FULL = Plan("teacher", "student", 4096,
             TrainOptions(steps=600, batch_size=16, lr=3e-3, eval_every=200, compile=True),
             TrainOptions(steps=200, batch_size=16, lr=2e-3, eval_every=100, compile=True), 1 / 3,
-            ev.Settings(windows=16, prompts=16, new_tokens=24), 128, 3, 64)
+            EvalOptions(windows=16, prompts=16, new_tokens=24), 128, 3, 64)
 # nano is the smallest preset, so the quick student is a nano too: the path is the point, not the ratio.
 QUICK = Plan("nano", "nano", 512, TrainOptions(steps=150, batch_size=16, lr=1e-2, eval_every=75),
              TrainOptions(steps=40, batch_size=16, lr=5e-3, eval_every=40), 0.5,
-             ev.Settings(windows=4, prompts=4, new_tokens=12), 32, 2, 32)
+             EvalOptions(windows=4, prompts=4, new_tokens=12), 32, 2, 32)
 
 
 @dataclass(frozen=True)
@@ -138,20 +140,20 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
                                    tokenizer=tokenizer, val_data=held_out, overwrite=True))
     timed("student", lambda: distill(out / "teacher", out / "student", preset=plan.student_preset, data=train_files,
                                      opts=plan.student, val_data=held_out, overwrite=True))
-    timed("pruned", lambda: prune(out / "student", out / "pruned", ffn_ratio=0.5, head_ratio=plan.head_ratio,
-                                  calib=calib_files, overwrite=True))
+    timed("pruned", lambda: prune(out / "student", out / "pruned", calib=calib_files,
+                                  options=PruneOptions(ffn_ratio=0.5, head_ratio=plan.head_ratio), overwrite=True))
     timed("pruned-recovered", lambda: distill(out / "teacher", out / "pruned-recovered", student_dir=out / "pruned",
                                               data=train_files, opts=plan.student, val_data=held_out, overwrite=True))
     exported = timed("onnx-fp32", lambda: export(out / "pruned-recovered", out / "onnx-fp32", opset=17, overwrite=True))
     int8 = timed("int8", lambda: quantize(out / "onnx-fp32", out / "int8", calib=calib_files, eval_data=held_out,
-                                          auto_exclude=True, overwrite=True))
+                                          options=QuantizeOptions(auto_exclude=True), overwrite=True))
     packaged = timed("package", lambda: package(out / "int8", out / "dist" / "model.spj", overwrite=True))
 
     texts = {path: path.read_text(encoding="utf-8") for path in held_out}
     meteor = ev.wordnet_available([root / "nltk_data"])
     results, models = {}, {}
     for stage in stages:
-        model = ev.load_model(stage.path)
+        model = ev.scorer(stage.path)
         models[stage.name] = ev.describe(model, stage.path)
         results[stage.name] = timed(f"eval {stage.name}", lambda: ev.run(model, texts, plan.eval, f"eval {stage.name}"))
     evals = {s.name: ev.build_report(models[s.name], results[s.name], plan.eval, meteor,

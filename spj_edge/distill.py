@@ -20,9 +20,12 @@ from tokenizers import Tokenizer
 from .checkpoint import checkpoint_sha256, load_checkpoint, load_model
 from .data import read_texts
 from .errors import SPJError
-from .model import Transformer, load_preset
-from .outputs import check_output, print_summary, read_json, write_json
+from .config import load_preset
+from .model import Transformer
+from .artifact import read_json
+from .outputs import check_output, write_json
 from .tokenizer import load_tokenizer, special_token_ids, token_byte_lengths
+from .tables import print_summary
 from .train import Processes, TrainOptions, autocast_dtype, check_resumable, fit, heldout_metrics, load_dataset
 
 

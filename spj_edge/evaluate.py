@@ -15,21 +15,22 @@ Files are grouped by the language code in their name (en_ewt_test.txt, pud/fr.tx
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import re
 import sys
-import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from .artifact import CheckpointArtifact, ExportArtifact, PackageArtifact, open_artifact
 from .errors import SPJError
+from .metrics import Figures, figures, top1_agreement
+from .options import EvalOptions
 
 LANGUAGES = ("en", "fr", "de", "es", "zh")
-WINDOW = 128  # tokens per scored window (or the model's context, if shorter): the quantizer's gate uses the same
 MIN_PROMPT_WORDS, MIN_PROMPT_CHARS = 6, 12  # shorter lines make a prompt too short to say anything about
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL", "meteor")
 NLTK_DATA_DEFAULT = Path("../shared/data/nltk_data")
@@ -38,48 +39,14 @@ WORDNET_HELP = ("export NLTK_DATA=DIR where DIR/corpora/wordnet holds WordNet 3.
                 "CRLF line endings to strip)")
 
 
-# --- the figures of one set of windows -------------------------------------------------------------------------------
-@dataclass
-class Figures:
-    nll: float  # nats, summed over the scored tokens
-    tokens: int
-    bytes: int
-    top1: np.ndarray  # the argmax id at every scored position
+# --- the three kinds of model, each run as it is used ----------------------------------------------------------------
+class CheckpointScorer:
+    """A checkpoint, in PyTorch (imported only for this kind)."""
 
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nll / math.log(2) / self.bytes
+    def __init__(self, checkpoint: CheckpointArtifact):
+        from .checkpoint import model_of
 
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.nll / self.tokens, 50.0))
-
-
-def figures(scored: Iterable[tuple[np.ndarray, np.ndarray]], byte_lengths: np.ndarray) -> Figures:
-    """From (window [length], logits [length, vocab]) pairs, where the logits at t predict window[t + 1]."""
-    nll, tokens, n_bytes, top1 = 0.0, 0, 0, []
-    for window, logits in scored:
-        logits, targets = logits[:-1].astype(np.float64), window[1:]
-        shifted = logits - logits.max(-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        nll -= log_probs[np.arange(len(targets)), targets].sum()
-        tokens += len(targets)
-        n_bytes += int(byte_lengths[targets].sum())
-        top1.append(logits.argmax(-1))
-    return Figures(nll, tokens, n_bytes, np.concatenate(top1) if top1 else np.zeros(0, np.int64))
-
-
-# --- the three kinds of model ----------------------------------------------------------------------------------------
-class Checkpoint:
-    kind = "torch"
-
-    def __init__(self, path: Path):
-        from .checkpoint import load_checkpoint
-
-        self.model, self.tokenizer = load_checkpoint(path)
-        self.context, self.vocab_size = self.model.config.max_position_embeddings, self.model.config.vocab_size
-        self.parameters = self.model.config.num_parameters()
-        self.file_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        self.artifact, self.model, self.tokenizer = checkpoint, model_of(checkpoint), checkpoint.tokenizer
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         import torch
@@ -94,61 +61,35 @@ class Checkpoint:
         return list(generate_ids(self.model, prompt_ids, new_tokens, sampler, eos))
 
 
-class Export:
-    """An `spj-edge export` or `spj-edge quantize` directory: model.onnx, config.json, tokenizer.json."""
-    kind = "onnx"
+class ExportScorer:
+    """An `spj-edge export` or `spj-edge quantize` directory, through the plain numpy loop of onnx_lm."""
 
-    def __init__(self, path: Path):
-        from . import contract
-        from .model import SPJConfig
+    def __init__(self, export: ExportArtifact):
         from .onnx_lm import OnnxLM
-        from .outputs import read_json
-        from .tokenizer import check_matches_model, load_tokenizer
 
-        config = SPJConfig.from_hf_dict(read_json(path / "config.json"), source=str(path / "config.json"))
-        self.tokenizer = load_tokenizer(path / "tokenizer.json")
-        check_matches_model(self.tokenizer, config.vocab_size, str(path / "tokenizer.json"))
+        self.artifact, self.tokenizer = export, export.tokenizer
         try:
-            self.lm = OnnxLM(path / "model.onnx", config)
+            self.lm = OnnxLM(export.graph, export.config)
         except Exception as e:  # onnxruntime's own exception types, multi-line
-            raise SPJError(f"{path / 'model.onnx'}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") \
+            raise SPJError(f"{export.graph_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") \
                 from None
-        contract.check_inputs([i.name for i in self.lm.session.get_inputs()], config.num_hidden_layers,
-                              config.num_key_value_heads, config.head_dim, str(path / "model.onnx"))
-        self.context, self.vocab_size = config.max_position_embeddings, config.vocab_size
-        self.parameters = config.num_parameters()
-        self.file_bytes = (path / "model.onnx").stat().st_size
+        export.check_contract([i.name for i in self.lm.session.get_inputs()])
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         return np.stack([self.lm.window_logits(w) for w in windows])
 
     def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int) -> list[int]:
-        history, past = list(prompt_ids), self.lm.empty_past(1)
-        ids = np.array([prompt_ids], np.int64)
-        for _ in range(min(new_tokens, self.context - len(prompt_ids))):
-            logits, past = self.lm.step(ids, past)
-            token = sampler(logits[0, -1], history)
-            if token == eos:
-                break
-            history.append(token)
-            ids = np.array([[token]], np.int64)
-        return history[len(prompt_ids):]
+        return self.lm.greedy(prompt_ids, new_tokens, sampler, eos)
 
 
-class Package:
+class PackageScorer:
     """A package directory or .tar.gz, run by spj_edge.runtime as on the device."""
-    kind = "package"
 
-    def __init__(self, path: Path):
-        from .model import SPJConfig
+    def __init__(self, package: PackageArtifact):
         from .runtime import Generator
 
-        self.generator = Generator.load(path)
+        self.artifact, self.generator = package, Generator(package.package)
         self.tokenizer = self.generator.tokenizer
-        self.context, self.vocab_size = self.generator.context, self.generator.vocab_size
-        self.parameters = SPJConfig.from_hf_dict(self.generator.package.config).num_parameters()
-        self.file_bytes = path.stat().st_size if path.is_file() else sum(
-            f["bytes"] for f in self.generator.manifest["files"].values())
 
     def logits(self, windows: np.ndarray) -> np.ndarray:
         return self.generator.next_token_logits(windows)
@@ -158,30 +99,13 @@ class Package:
                                           repetition_penalty=1.0))
 
 
-def model_kind(path: Path) -> str | None:
-    """"package" (a directory with spj.json, or its .tar.gz), "onnx" (an export directory), "torch" (a checkpoint),
-    or None for anything else."""
-    if not path.exists():
-        raise SPJError(f"{path}: no such file or directory")
-    if path.is_dir():
-        if (path / "spj.json").is_file():
-            return "package"
-        if (path / "model.onnx").is_file():
-            return "onnx"
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
-            return "torch"
-        return None
-    return "package" if tarfile.is_tarfile(path) else None
+SCORERS = {"torch": CheckpointScorer, "onnx": ExportScorer, "package": PackageScorer}
 
 
-def load_model(path: str | Path):
-    """A checkpoint, an ONNX export directory or a package, by what the path holds."""
-    path = Path(path)
-    kind = model_kind(path)
-    if kind is None:
-        raise SPJError(f"{path}: not a model: expected a checkpoint (config.json, model.safetensors), an ONNX export "
-                       "(model.onnx) or a package (a directory with spj.json, or its .tar.gz)")
-    return {"package": Package, "onnx": Export, "torch": Checkpoint}[kind](path)
+def scorer(path: str | Path):
+    """What `path` holds (artifact.open_artifact), ready to score text and continue prompts."""
+    artifact = open_artifact(path)
+    return SCORERS[artifact.kind](artifact)
 
 
 # --- text ------------------------------------------------------------------------------------------------------------
@@ -254,20 +178,6 @@ def text_metrics(hypotheses: list[str], references: list[str], language: str | N
 
 # --- the stage -------------------------------------------------------------------------------------------------------
 @dataclass
-class Settings:
-    windows: int = 32  # per file, spread evenly
-    prompts: int = 16  # per file
-    new_tokens: int = 32  # per continuation
-    window_tokens: int = WINDOW
-
-    def __post_init__(self):
-        for flag, value, least in (("--windows", self.windows, 1), ("--prompts", self.prompts, 0),
-                                   ("--new-tokens", self.new_tokens, 1), ("window", self.window_tokens, 2)):
-            if value < least:
-                raise SPJError(f"{flag} {value}: must be ≥ {least}")
-
-
-@dataclass
 class FileResult:
     """What one model gives on one file: scored windows, and its continuations of the file's prompts."""
     language: str | None
@@ -282,60 +192,63 @@ def continue_prompts(model, prompts: list[str], new_tokens: int) -> list[str]:
     from .sampling import Sampler, SamplingParams
     from .tokenizer import encode_prompt, special_token_ids
 
+    config = model.artifact.config
     special = special_token_ids(model.tokenizer)
-    sampler = Sampler(SamplingParams(), vocab_limit=min(model.tokenizer.get_vocab_size(), model.vocab_size))
+    sampler = Sampler(SamplingParams(), vocab_limit=min(model.tokenizer.get_vocab_size(), config.vocab_size))
     texts = []
     for prompt in prompts:
-        ids = encode_prompt(model.tokenizer, prompt, model.context, special["bos_token_id"])
+        ids = encode_prompt(model.tokenizer, prompt, config.max_position_embeddings, special["bos_token_id"])
         text = model.tokenizer.decode(model.greedy(ids, new_tokens, sampler, special["eos_token_id"]))
         texts.append(text.split("\n", 1)[0].strip())
     return texts
 
 
-def run(model, texts: dict[Path, str], settings: Settings, label: str = "eval") -> dict[Path, FileResult]:
-    """Score and continue every file with one model. Two models given the same texts and settings see the same
-    windows and prompts, when their tokenizers are the same."""
+def run(model, texts: dict[Path, str], options: EvalOptions, label: str = "eval") -> dict[Path, FileResult]:
+    """Score and continue every file with one model (a scorer). Two models given the same texts and options see the
+    same windows and prompts, when their tokenizers are the same."""
     from tqdm import tqdm
 
     from .data import spaced_windows, tokenize_corpus
     from .tokenizer import token_byte_lengths
 
-    byte_lengths = token_byte_lengths(model.tokenizer, model.vocab_size)
-    length = min(settings.window_tokens, model.context)
+    config = model.artifact.config
+    byte_lengths = token_byte_lengths(model.tokenizer, config.vocab_size)
+    length = min(options.window_tokens, config.max_position_embeddings)
     results = {}
     for path, text in tqdm(texts.items(), desc=label, unit="file", leave=False):
         if not text.strip():
             raise SPJError(f"{path}: empty, no text to evaluate")
         stream = tokenize_corpus([text], model.tokenizer)
-        picked = np.stack(spaced_windows(stream, min(length, len(stream)), settings.windows))
-        pairs = prompt_pairs(text, settings.prompts)
+        picked = np.stack(spaced_windows(stream, min(length, len(stream)), options.windows))
+        pairs = prompt_pairs(text, options.prompts)
         prompts, references = [p for p, _ in pairs], [r for _, r in pairs]
         results[path] = FileResult(language_of(path), figures(zip(picked, model.logits(picked)), byte_lengths),
-                                   prompts, references, continue_prompts(model, prompts, settings.new_tokens))
+                                   prompts, references, continue_prompts(model, prompts, options.new_tokens))
     return results
 
 
 def summarize(results: list[FileResult], baselines: list[FileResult] | None, meteor: bool) -> dict:
     """Pooled figures of several files: bits per byte from the summed NLL and bytes, metrics over all their pairs."""
-    nll, tokens, n_bytes = (sum(getattr(r.figures, k) for r in results) for k in ("nll", "tokens", "bytes"))
-    pooled = Figures(nll, tokens, n_bytes, np.zeros(0))
-    out = {"bits_per_byte": pooled.bits_per_byte, "perplexity": pooled.perplexity, "tokens": tokens, "bytes": n_bytes}
+    pooled = Figures.pooled([r.figures for r in results])
+    out = {"bits_per_byte": pooled.bits_per_byte, "perplexity": pooled.perplexity, "tokens": pooled.tokens,
+           "bytes": pooled.bytes}
     language = results[0].language if len({r.language for r in results}) == 1 else None
     hyps, refs = [h for r in results for h in r.continuations], [t for r in results for t in r.references]
     out["prompts"] = len(hyps)
     out["vs_reference"] = text_metrics(hyps, refs, language, meteor)
     if baselines is not None:
-        out["top1_agreement"] = float(np.mean(np.concatenate([r.figures.top1 == b.figures.top1
-                                                              for r, b in zip(results, baselines)])))
+        out["top1_agreement"] = top1_agreement(pooled.top1, Figures.pooled([b.figures for b in baselines]).top1)
         out["vs_baseline"] = text_metrics(hyps, [c for b in baselines for c in b.continuations], language, meteor)
     return out
 
 
 def describe(model, path: str | Path) -> dict:
-    return {"path": str(path), "kind": model.kind, "parameters": model.parameters, "file_bytes": model.file_bytes}
+    artifact = model.artifact
+    return {"path": str(path), "kind": artifact.kind, "parameters": artifact.config.num_parameters(),
+            "file_bytes": artifact.file_bytes}
 
 
-def build_report(model: dict, results: dict[Path, FileResult], settings: Settings, meteor: bool,
+def build_report(model: dict, results: dict[Path, FileResult], options: EvalOptions, meteor: bool,
                  baseline: dict | None = None, baseline_results: dict[Path, FileResult] | None = None) -> dict:
     """`model` and `baseline` as `describe` gives them; per file, per language and over all files."""
     def pooled(paths: list[Path]) -> dict:
@@ -350,7 +263,7 @@ def build_report(model: dict, results: dict[Path, FileResult], settings: Setting
     languages = {lang: [p for p, r in results.items() if r.language == lang] for lang in LANGUAGES}
     return {
         "stage": "eval", "model": model, "baseline": baseline,
-        "settings": {**asdict(settings), "meteor": "WordNet 3.0 via nltk" if meteor else "left out: no WordNet"},
+        "settings": {**asdict(options), "meteor": "WordNet 3.0 via nltk" if meteor else "left out: no WordNet"},
         "files": files,
         "languages": {lang: pooled(paths) for lang, paths in languages.items() if paths},
         "all": pooled(list(results)),
@@ -363,22 +276,23 @@ def check_comparable(model, baseline, model_path, baseline_path) -> None:
 
 
 def evaluate(model: str | Path, data: list, *, baseline: str | Path | None = None, json_out: str | Path | None = None,
-             windows: int = 32, prompts: int = 16, new_tokens: int = 32) -> dict:
+             options: EvalOptions = EvalOptions()) -> dict:
     """The `spj-edge eval` verb."""
     from .data import find_text_files, read_text
-    from .outputs import print_table, write_json
+    from .outputs import write_json
+    from .tables import print_table
 
-    settings = Settings(windows, prompts, new_tokens)
     texts = {path: read_text(path) for path in find_text_files(data)}
-    lm = load_model(model)
-    base = load_model(baseline) if baseline is not None else None
+    lm = scorer(model)
+    base = scorer(baseline) if baseline is not None else None
     if base is not None:
         check_comparable(lm, base, model, baseline)
-        settings.window_tokens = min(settings.window_tokens, lm.context, base.context)
+        context = min(m.artifact.config.max_position_embeddings for m in (lm, base))
+        options = dataclasses.replace(options, window_tokens=min(options.window_tokens, context))
     meteor = wordnet_available()
-    results = run(lm, texts, settings, f"eval {model}")
-    base_results = run(base, texts, settings, f"eval {baseline}") if base is not None else None
-    report = build_report(describe(lm, model), results, settings, meteor,
+    results = run(lm, texts, options, f"eval {model}")
+    base_results = run(base, texts, options, f"eval {baseline}") if base is not None else None
+    report = build_report(describe(lm, model), results, options, meteor,
                           describe(base, baseline) if base is not None else None, base_results)
     if json_out is not None:
         write_json(json_out, report)

@@ -1,6 +1,6 @@
 """The model as a compact ONNX graph of the fused operators ONNX Runtime's CPU provider runs natively.
 
-Built node by node with `onnx.helper` rather than traced by torch.onnx: 14 nodes a layer where a trace has over 200,
+Built node by node with `onnx.helper` rather than traced by torch.onnx: 13 nodes a layer where a trace has over 200,
 each layer being
 
     SkipSimplifiedLayerNormalization → qkv_proj MatMul → Split → RotaryEmbedding (q, k) → GroupQueryAttention → o_proj

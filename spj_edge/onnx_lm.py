@@ -1,5 +1,6 @@
-"""A plain numpy driver for any graph of the ONNX contract: what the export checks, the quantizer's accuracy gate and the
-speed figures run on. Torch-free. (The device runtime has its own loop, with IOBinding.)"""
+"""A plain numpy driver for any graph of the ONNX contract: what the export checks, the quantizer's calibration and
+accuracy gate, eval of an export and the speed figures run on. Torch-free. (The device runtime has its own loop, with
+IOBinding.)"""
 from __future__ import annotations
 
 import statistics
@@ -55,6 +56,20 @@ class OnnxLM:
         """Logits [len, vocab] for every position of a token window, from an empty past."""
         logits, _ = self.step(window[None].astype(np.int64), self.empty_past(1))
         return logits[0]
+
+    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int | None) -> list[int]:
+        """The new ids after `prompt_ids` (batch 1): the prompt in one step, then one token a step through the cache,
+        for `new_tokens` steps or to the end of the context, stopping before `eos`. `sampler`: a sampling.Sampler."""
+        history, past = list(prompt_ids), self.empty_past(1)
+        ids = np.array([prompt_ids], np.int64)
+        for _ in range(min(new_tokens, self.config.max_position_embeddings - len(prompt_ids))):
+            logits, past = self.step(ids, past)
+            token = sampler(logits[0, -1], history)
+            if token == eos:
+                break
+            history.append(token)
+            ids = np.array([[token]], np.int64)
+        return history[len(prompt_ids):]
 
     def decode_rate(self, prompt_len: int, new_tokens: int, rng: np.random.Generator) -> tuple[float, float]:
         """(prompt ms, decode tokens/s) of one greedy generation from a random prompt, batch 1."""

@@ -1,32 +1,63 @@
-"""The options of the training loop as data, without torch: the CLI builds its flags and defaults from them, and a
-runtime-only install (no torch) can still parse `spj-edge --help`."""
+"""Each stage's options as data, without torch: a frozen dataclass per stage whose fields carry their CLI flag's help
+(and choices, type, nargs), so the CLI builds its flags, defaults and choices from them and each is written once; the
+dataclass validates its values, whoever builds it. A runtime-only install (no torch) can still parse
+`spj-edge --help`."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from .errors import SPJError
+from .metrics import SCORED_WINDOW
+
+
+def flag(default, help: str | None = None, **argparse_options):
+    """A field that is also a CLI flag (`--field-name`): its help and whatever else argparse needs beyond the
+    default, which is the field's."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse_options})
+
+
+def add_flags(parser: argparse.ArgumentParser, options: type) -> None:
+    """One flag per field of the dataclass `options` made with `flag`, its default the field's default."""
+    for field in dataclasses.fields(options):
+        if "help" not in field.metadata:
+            continue
+        kwargs = dict(field.metadata)
+        if isinstance(field.default, bool) and "action" not in kwargs:
+            kwargs["action"] = "store_true"
+        elif field.default is not None and "type" not in kwargs and "action" not in kwargs:
+            kwargs["type"] = type(field.default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, default=field.default, **kwargs)
+
+
+def from_flags(options: type, args: argparse.Namespace):
+    """The dataclass `options` with the values of its flags in `args`."""
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if "help" in f.metadata})
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
 class TrainOptions:
-    steps: int = 1000
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 3e-3
+    steps: int = flag(1000, "optimizer steps (default %(default)s)")
+    batch_size: int = flag(16, "windows per micro-batch and process")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    lr: float = flag(3e-3, "peak learning rate (default %(default)s)")
     min_lr_ratio: float = 0.1  # the cosine decays to lr × this
-    warmup_steps: int = -1  # -1: 5 % of the steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    seed: int = 1337
-    eval_every: int = 100
-    eval_windows: int = 64  # held-out windows per validation
-    save_every: int = 0  # 0: only at the end
-    val_fraction: float = 0.05
-    compile: bool = False  # torch.compile the training step: ~40 s to compile, then ~1.5× the tokens/s on a CPU
+    warmup_steps: int = flag(-1, "default: 5%% of the steps")  # -1: 5 % of the steps
+    weight_decay: float = flag(0.1)
+    grad_clip: float = flag(1.0)
+    precision: str = flag("auto", "auto: bf16 where the CPU or GPU has it, fp16 on older GPUs, else fp32",
+                          choices=PRECISIONS)
+    seed: int = flag(1337)
+    eval_every: int = flag(100, "steps between held-out evaluations")
+    eval_windows: int = flag(64, "held-out windows per evaluation")
+    save_every: int = flag(0, "steps between checkpoints (0: at the end)")
+    val_fraction: float = flag(0.05)
+    # torch.compile the training step: ~40 s to compile, then ~1.5× the tokens/s on a CPU
+    compile: bool = flag(False, "torch.compile the model: slow start, faster steps")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows"):
@@ -56,3 +87,99 @@ class TrainOptions:
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
 
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    windows: int = flag(32, "scored windows per file, spread evenly (default %(default)s)")
+    prompts: int = flag(16, "held-out prompts per file to continue (default %(default)s)")
+    new_tokens: int = flag(32, "tokens per greedy continuation (default %(default)s)")
+    window_tokens: int = SCORED_WINDOW  # or the context of the shorter model
+
+    def __post_init__(self):
+        for name, least in (("windows", 1), ("prompts", 0), ("new_tokens", 1), ("window_tokens", 2)):
+            value = getattr(self, name)
+            if value < least:
+                where = "window" if name == "window_tokens" else f"--{name.replace('_', '-')}"
+                raise SPJError(f"{where} {value}: must be ≥ {least}")
+
+
+# Of each --calib file, the end (data.calibration_split): what prune and quantize measure their result on, never
+# calibrate on.
+CALIB_HELD_OUT = 0.2
+QUANTIZE_MODES = ("static", "dynamic", "int4")
+CALIBRATIONS = ("minmax", "entropy", "percentile")  # onnxruntime's CalibrationMethod names, lower-cased
+CALIBRATION_PREFILL, CALIBRATION_DECODE = 32, 16  # tokens per calibration sample: a prompt, then cached steps
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str = flag("static", "int8 with calibration (static) or without (dynamic), or int4 weights "
+                               "(default %(default)s)", choices=QUANTIZE_MODES)
+    target: str = flag("auto", "a profile in exporters/: x86-vnni, x86, arm64 (default: this CPU)")
+    calib_samples: int = flag(32, f"calibration samples, each a {CALIBRATION_PREFILL}-token prefill and "
+                                  f"{CALIBRATION_DECODE} cached decode steps (default %(default)s)")
+    calibration: str | None = flag(None, "default: the profile's", choices=CALIBRATIONS)
+    per_channel: bool | None = flag(None, "per-channel weight scales (default: the profile's)",
+                                    action=argparse.BooleanOptionalAction)
+    smoothquant: float | None = flag(None, "static: fold SmoothQuant scales (alpha, e.g. 0.5) from each RMSNorm into "
+                                           "the MatMul after it", type=float, metavar="ALPHA")
+    exclude: tuple[str, ...] = flag((), "keep these MatMuls in float, e.g. /lm_head/MatMul", type=str, nargs="+",
+                                    metavar="NODE")
+    auto_exclude: bool = flag(False, "keep the most sensitive MatMuls in float until the gate passes")
+    max_bpb_increase: float = flag(0.02, "gate: relative (default 0.02 = 2%%)")
+    min_agreement: float = flag(0.95, "gate: top-1 agreement with float32 (default %(default)s)")
+    block_size: int = flag(32, "int4: weights per scale (default %(default)s)")
+    accuracy_level: int = flag(4, "int4: MatMulNBits compute type (4: int8)")
+    force: bool = flag(False, "write a model that fails the gate, with a warning")
+    eval_windows: int = 24  # held-out windows of the gate
+    measure: bool = True  # time float32 against the result
+    # For experiments: anything but MatMul-only quantizes the attention path too and fails the gate; None: every type
+    # onnxruntime can quantize, the recipe known to fail.
+    op_types: tuple[str, ...] | None = ("MatMul",)
+
+    def __post_init__(self):
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.op_types is not None:
+            object.__setattr__(self, "op_types", tuple(self.op_types))
+        if self.mode not in QUANTIZE_MODES:
+            raise SPJError(f"--mode must be one of {', '.join(QUANTIZE_MODES)}, got {self.mode!r}")
+        if self.calibration is not None and self.calibration not in CALIBRATIONS:
+            raise SPJError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
+        if self.calib_samples <= 0 or self.eval_windows <= 0:
+            raise SPJError("--calib-samples and --eval-windows must be positive")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise SPJError(f"--block-size must be a power of two ≥ 16, got {self.block_size}")
+        if self.smoothquant is not None and not (0 < self.smoothquant < 1 and self.mode == "static"):
+            raise SPJError(f"--smoothquant takes an alpha in (0, 1) and goes with --mode static, got "
+                           f"{self.smoothquant}")
+        if self.accuracy_level not in (0, 1, 2, 3, 4):
+            raise SPJError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
+        if not (0 <= self.max_bpb_increase and 0 <= self.min_agreement <= 1):
+            raise SPJError("--max-bpb-increase must be ≥ 0 and --min-agreement in [0, 1]")
+
+
+IMPORTANCES = ("activation", "l1")
+PRUNE_METHODS = ("structured", "magnitude")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    ffn_ratio: float = flag(0.0, "fraction of FFN channels to remove, in [0, 1)", required=True)
+    head_ratio: float = flag(0.0, "fraction of query heads to remove in each KV group")
+    importance: str = flag("activation", "activation: mean |activation| on --calib text (default); l1: weight norms")
+    method: str = flag("structured", "structured (default), or magnitude: unstructured zeros, for comparison; "
+                                     "shrinks nothing")
+    multiple: int = flag(16, "round the FFN width up to a multiple of this")
+
+    def __post_init__(self):
+        for name in ("ffn_ratio", "head_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise SPJError(f"--{name.replace('_', '-')} must be in [0, 1) (the fraction to remove), got "
+                               f"{getattr(self, name)}")
+        if self.importance not in IMPORTANCES:
+            raise SPJError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {self.importance!r}")
+        if self.method not in PRUNE_METHODS:
+            raise SPJError(f"--method must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}")
+        if self.multiple < 1:
+            raise SPJError(f"--multiple must be a positive integer, got {self.multiple}")

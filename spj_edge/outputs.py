@@ -165,51 +165,6 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise SPJError(f"{path}: {'is a directory, expected a JSON file' if path.is_dir() else 'no such file'}")
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:  # unreadable input is bad input (exit 2), as for text files (data.read_text)
-        raise SPJError(f"{path}: cannot read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SPJError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
-        raise SPJError(f"{path}: expected a JSON object, found {type(obj).__name__}")
-    return obj
-
-
-def read_onnx(directory: str | os.PathLike) -> tuple[bytes, "onnx.ModelProto"]:
-    """The bytes and the parsed graph of `directory`/model.onnx, an export's or a quantization's output."""
-    directory = Path(directory)
-    path = directory / "model.onnx"
-    if directory.is_file():
-        raise SPJError(f"{directory}: expected an export directory (holding model.onnx), found a file")
-    if not path.is_file():
-        raise SPJError(f"{path}: no such file (expected the output of `spj-edge export`)")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise SPJError(f"{path}: cannot read ({e.strerror})") from None
-    if not data:  # protobuf parses zero bytes as an empty model, which would fail later and less clearly
-        raise SPJError(f"{path}: empty file (0 bytes), expected an ONNX model")
-    return data, parse_onnx(data, path)
-
-
-def parse_onnx(data: bytes, where) -> "onnx.ModelProto":
-    import onnx
-
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as e:  # protobuf's DecodeError and friends
-        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-        raise SPJError(f"{where}: not a valid ONNX model ({reason})") from None
-    if not proto.graph.node:
-        raise SPJError(f"{where}: not a valid ONNX model (an empty graph)")
-    return proto
-
-
 MARKER = ".spj-edge-output"  # in every output directory: what --overwrite may replace
 
 
@@ -274,29 +229,3 @@ def claim_output_dir(out: str | os.PathLike, inputs: Iterable[str | os.PathLike 
 def _mark(directory: Path) -> None:
     (directory / MARKER).write_text("written by spj-edge: `--overwrite` may replace this directory\n",
                                     encoding="utf-8")
-
-
-def print_summary(title: str, rows: list[tuple[str, object]]) -> None:
-    """The short table every long-running stage ends with."""
-    print_table(title, None, rows)
-
-
-def print_table(title: str, header: list[str] | None, rows: list[tuple]) -> None:
-    """A table on stderr (stdout stays for what a command produces); floats to 4 significant digits, None as "-"."""
-    from rich.console import Console
-    from rich.table import Table
-
-    def cell(value) -> str:
-        return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-    table = Table(show_header=header is not None)
-    columns = header if header is not None else [""] * (len(rows[0]) if rows else 0)
-    for i, name in enumerate(columns):
-        table.add_column(name, style="bold" if i == 0 else None, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*map(cell, row))
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a log file: rich would wrap at 80 columns
-        console = Console(stderr=True, width=160)
-    console.print(title, style="bold", soft_wrap=True)
-    console.print(table)

@@ -14,9 +14,7 @@ greedily token for token as the unchanged source graph does through the same loo
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import tarfile
 from pathlib import Path
@@ -27,13 +25,14 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import __version__, contract
-from .cli import add_sampling_flags
+from .artifact import open_export
 from .errors import SPJError
-from .outputs import (check_output, name_output, print_summary, read_json, read_onnx, scratch_dir, staged_dir,
-                      write_json)
+from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json
 from .runtime import Generator, Package
 from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
-from .tokenizer import check_matches_model, load_tokenizer, special_token_ids
+from .sampling import GENERATION_DEFAULTS
+from .tables import print_summary
+from .tokenizer import special_token_ids
 
 # The LM head as a float, QDQ, dynamic int8 or int4 graph writes it: its MatMul, what rescales an integer result, and
 # what quantizes its input. All work position by position, so the last row's logits are unchanged; only a dynamic
@@ -49,15 +48,13 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
     model_dir, out = Path(model_dir), Path(out)
     target = out.with_name(f"{out.name}.tar.gz") if tar else out
     check_output(target, [model_dir], overwrite=overwrite, suffix=".tar.gz" if tar else None)
-    source_bytes, proto = read_onnx(model_dir)
-    meta = {p.key: p.value for p in proto.metadata_props}
+    export = open_export(model_dir)
+    proto, meta = export.proto, export.metadata
     missing = [key for key in METADATA if key not in meta]
     if missing:
-        raise SPJError(f"{model_dir / MODEL}: not written by spj-edge export (its metadata lacks {', '.join(missing)})")
-    config = json.loads(meta["spj.config"])
-    tokenizer = load_tokenizer(model_dir / TOKENIZER)
-    check_matches_model(tokenizer, config["vocab_size"], str(model_dir / TOKENIZER))
-    source_report = read_json(model_dir / "report.json") if (model_dir / "report.json").is_file() else {}
+        raise SPJError(f"{export.graph_path}: not written by spj-edge export (its metadata lacks {', '.join(missing)})")
+    config = export.config.to_hf_dict()
+    tokenizer = export.tokenizer
 
     sliced = last_position_logits(proto, config)
     files = {MODEL: proto.SerializeToString(), TOKENIZER: (model_dir / TOKENIZER).read_bytes()}
@@ -69,11 +66,11 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
         "logits": "last" if sliced else "all",
         "io": {"inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output]},
         "quantization": {"mode": meta["spj.quantization"], "target": meta.get("spj.quantization_target"),
-                         "accuracy": source_report.get("gate", {})},  # the quantize stage's gate figures
+                         "accuracy": export.report.get("gate", {})},  # the quantize stage's gate figures
         "special_tokens": special_token_ids(tokenizer),
-        "generation": generation_defaults(),
+        "generation": dict(GENERATION_DEFAULTS),
         "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
-        "source": {"path": str(model_dir), "stage": source_report.get("stage"),
+        "source": {"path": str(model_dir), "stage": export.report.get("stage"),
                    "checkpoint_sha256": meta.get("spj.source_sha256")},
         "created_by": f"spj-edge {__version__}",
     }
@@ -81,8 +78,8 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
         for name, data in files.items():
             (folder / name).write_bytes(data)
         write_json(folder / MANIFEST, manifest)
-        source = Generator(Package(model_dir, {**manifest, "logits": "all"}, {**files, MODEL: source_bytes}))
-        manifest["checks"] = {"source": source_report.get("checks", {}),
+        source = Generator(Package(model_dir, {**manifest, "logits": "all"}, {**files, MODEL: export.graph}))
+        manifest["checks"] = {"source": export.report.get("checks", {}),
                               "package": check_against_source(Generator.load(folder), source)}
         write_json(folder / MANIFEST, manifest)  # spj.json is not hashed: it holds the hashes
 
@@ -143,14 +140,6 @@ def check_against_source(packaged: Generator, source: Generator) -> dict:
         raise SPJError(f"package check failed: the packaged model's greedy continuation departs from the source "
                        f"graph's at token {first} of {len(reference)}; nothing written")
     return {"greedy_tokens": len(reference), "greedy_identical": True}
-
-
-def generation_defaults() -> dict:
-    """`spj-edge generate`'s sampling defaults, so the device samples as the reference does unless told otherwise."""
-    parser = argparse.ArgumentParser()
-    add_sampling_flags(parser)
-    defaults = vars(parser.parse_args([]))
-    return {key: defaults[key] for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")}
 
 
 @contextlib.contextmanager

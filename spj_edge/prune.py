@@ -21,30 +21,18 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
-from .data import build_dataset, read_texts, tokenize_corpus
+from . import data
 from .errors import SPJError
 from .model import Transformer
-from .outputs import check_output, print_summary, staged_dir, write_json
+from .options import PruneOptions
+from .outputs import check_output, staged_dir, write_json
+from .tables import print_summary
 from .tokenizer import token_byte_lengths
 from .train import heldout_metrics
 
-IMPORTANCES = ("activation", "l1")
-METHODS = ("structured", "magnitude")
 CALIB_WINDOWS = 128  # windows of calibration text for the activation statistics: the ranking is stable well before
-HELDOUT_WINDOWS = 64  # windows of the same text, set aside, to measure bits per byte before and after
+HELDOUT_WINDOWS = 64  # windows of its held-out end (data.calibration_split), to measure bits per byte before and after
 BATCH = 8
-
-
-def check_options(ffn_ratio: float, head_ratio: float, importance: str, method: str, multiple: int) -> None:
-    for flag, ratio in (("--ffn-ratio", ffn_ratio), ("--head-ratio", head_ratio)):
-        if not 0 <= ratio < 1:
-            raise SPJError(f"{flag} must be in [0, 1) (the fraction to remove), got {ratio}")
-    if importance not in IMPORTANCES:
-        raise SPJError(f"--importance must be one of {', '.join(IMPORTANCES)}, got {importance!r}")
-    if method not in METHODS:
-        raise SPJError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-    if multiple < 1:
-        raise SPJError(f"--multiple must be a positive integer, got {multiple}")
 
 
 def kept_size(size: int, ratio: float, multiple: int) -> int:
@@ -128,11 +116,11 @@ def top_heads(scores: torch.Tensor, n_kv_heads: int, keep_per_group: int) -> tor
     return (kept + torch.arange(n_kv_heads)[:, None] * group).flatten()
 
 
-def prune_model(model: Transformer, ffn_ratio: float, head_ratio: float, importance: str,
-                calib_windows: np.ndarray | None, multiple: int = 16) -> tuple[Transformer, dict]:
+def prune_model(model: Transformer, options: PruneOptions,
+                calib_windows: np.ndarray | None) -> tuple[Transformer, dict]:
     """A new model with `ffn_ratio` of every layer's FFN channels and `head_ratio` of its query heads removed, the
     least important first. Widths are rounded up to multiples of `multiple` (FFN) and to whole heads per KV group."""
-    check_options(ffn_ratio, head_ratio, importance, "structured", multiple)
+    ffn_ratio, head_ratio, importance = options.ffn_ratio, options.head_ratio, options.importance
     cfg = model.config
     if importance == "activation":
         if calib_windows is None:
@@ -141,7 +129,7 @@ def prune_model(model: Transformer, ffn_ratio: float, head_ratio: float, importa
     else:
         ffn_scores, head_scores = l1_importance(model)
     group = cfg.num_attention_heads // cfg.num_key_value_heads
-    ffn_keep = kept_size(cfg.intermediate_size, ffn_ratio, multiple)
+    ffn_keep = kept_size(cfg.intermediate_size, ffn_ratio, options.multiple)
     group_keep = kept_size(group, head_ratio, 1)
     pruned_cfg = cfg.replace(intermediate_size=ffn_keep, num_attention_heads=group_keep * cfg.num_key_value_heads)
 
@@ -190,23 +178,25 @@ def magnitude_prune(model: Transformer, ffn_ratio: float, head_ratio: float) -> 
 
 # --- the stage --------------------------------------------------------------------------------------------------------
 def calibration_split(calib: list, tokenizer, context: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows of the calibration text for the statistics, and a disjoint seeded tenth of them to measure on."""
-    texts = read_texts(calib)
-    dataset = build_dataset(tokenize_corpus(list(texts.values()), tokenizer), context, seed=0, val_fraction=0.1,
-                            source=", ".join(map(str, texts)))
-    return dataset.train[:CALIB_WINDOWS], dataset.val[:HELDOUT_WINDOWS]
+    """Windows of the calibration text for the statistics, and windows of its held-out end to measure on."""
+    calib_stream, held_out = data.calibration_split(calib, tokenizer)
+    calib_windows, heldout_windows = data.windows(calib_stream, context), data.windows(held_out, context)
+    if not (len(calib_windows) and len(heldout_windows)):
+        raise SPJError(f"{', '.join(map(str, calib))}: too little text ({len(calib_stream) + len(held_out)} tokens) "
+                       f"for windows of {context + 1} tokens in both its calibration part and its held-out end; give "
+                       "more text")
+    return calib_windows[:CALIB_WINDOWS], heldout_windows[:HELDOUT_WINDOWS]
 
 
 def weights_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def prune(model_dir: str | Path, out: str | Path, *, ffn_ratio: float, head_ratio: float = 0.0,
-          importance: str = "activation", calib: list | None = None, method: str = "structured", multiple: int = 16,
-          overwrite: bool = False) -> dict:
+def prune(model_dir: str | Path, out: str | Path, *, calib: list | None = None,
+          options: PruneOptions = PruneOptions(), overwrite: bool = False) -> dict:
     """Prune the checkpoint `model_dir` into a new checkpoint `out`; returns the report written there."""
-    check_options(ffn_ratio, head_ratio, importance, method, multiple)
-    if method == "structured" and importance == "activation" and not calib:
+    ffn_ratio, head_ratio, method = options.ffn_ratio, options.head_ratio, options.method
+    if method == "structured" and options.importance == "activation" and not calib:
         raise SPJError("--importance activation needs calibration text: pass --calib PATH (or --importance l1)")
     model_dir, out = Path(model_dir), Path(out)
     check_output(out, [model_dir, *(calib or [])], overwrite=overwrite)
@@ -215,7 +205,7 @@ def prune(model_dir: str | Path, out: str | Path, *, ffn_ratio: float, head_rati
     calib_windows, heldout = calibration_split(calib, tokenizer, cfg.max_position_embeddings) if calib else (None, None)
 
     if method == "structured":
-        pruned, details = prune_model(model, ffn_ratio, head_ratio, importance, calib_windows, multiple)
+        pruned, details = prune_model(model, options, calib_windows)
     else:
         pruned, details = magnitude_prune(model, ffn_ratio, head_ratio)
         details["note"] = ("unstructured pruning shrinks nothing and speeds nothing on ONNX Runtime's CPU kernels: "
@@ -227,7 +217,8 @@ def prune(model_dir: str | Path, out: str | Path, *, ffn_ratio: float, head_rati
 
     report = {
         "stage": "prune", "source": str(model_dir), "source_sha256": checkpoint_sha256(model_dir), "method": method,
-        "ffn_ratio": ffn_ratio, "head_ratio": head_ratio, "multiple": multiple, "calib": [str(p) for p in calib or []],
+        "ffn_ratio": ffn_ratio, "head_ratio": head_ratio, "multiple": options.multiple,
+        "calib": [str(p) for p in calib or []],
         "calib_windows": 0 if calib_windows is None else len(calib_windows),
         "config": pruned.config.to_hf_dict(),
         "parameters": {"before": sum(p.numel() for p in model.parameters()),

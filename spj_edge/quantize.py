@@ -34,22 +34,21 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
 from . import contract
-from .data import read_texts, spaced_windows
+from .artifact import ExportArtifact, open_export, read_json
+from .data import calibration_split, read_texts, spaced_windows, tokenize_corpus
 from .errors import SPJError
-from .evaluate import Figures, figures
-from .model import SPJConfig
+from .metrics import SCORED_WINDOW, Figures, figures, top1_agreement
+from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, CALIBRATIONS, QuantizeOptions
 from .onnx_lm import OnnxLM, measure_speed
-from .outputs import check_output, print_summary, read_json, read_onnx, scratch_dir, staged_dir, write_json
-from .tokenizer import check_matches_model, load_tokenizer, save_tokenizer, token_byte_lengths
+from .outputs import check_output, scratch_dir, staged_dir, write_json
+from .tables import print_summary
+from .tokenizer import save_tokenizer, token_byte_lengths
 
-MODES = ("static", "dynamic", "int4")
 PROFILE_DIRS = (Path(__file__).parent / "exporters", Path(__file__).parent.parent / "exporters")
-CALIBRATIONS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile}
+CALIBRATION_METHODS = {m.name.lower(): m for m in CalibrationMethod if m.name.lower() in CALIBRATIONS}
+PREFILL, DECODE = CALIBRATION_PREFILL, CALIBRATION_DECODE
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulNBits")
-PREFILL, DECODE = 32, 16  # tokens per calibration sample: a prompt, then single-token steps through the cache
-EVAL_WINDOW = 128
 
 
 @dataclass(frozen=True)
@@ -84,70 +83,65 @@ def load_profile(target: str) -> Profile:
 
 
 # --- the model to quantize ------------------------------------------------------------------------------------------
-@dataclass
-class FloatModel:
-    directory: Path
-    path: Path
-    proto: onnx.ModelProto
-    config: SPJConfig
-    tokenizer: object
+def float_export(directory: Path) -> ExportArtifact:
+    """The float export to quantize, refused before any work if it is foreign, already quantized or has a tokenizer
+    that is not its model's."""
+    export = open_export(directory)
+    inputs = [i.name for i in export.proto.graph.input]
+    contract.check_input_names(inputs, str(export.graph_path))
+    export.check_contract(inputs)
+    if export.metadata.get("spj.quantization", "none") != "none":
+        raise SPJError(f"{export.graph_path}: already quantized ({export.metadata['spj.quantization']}); quantize the "
+                       "float export")
+    export.tokenizer  # loaded and checked against the config now
+    return export
 
-    @property
-    def weight_matmuls(self) -> list[str]:
-        """Nodes worth quantizing: MatMuls whose B is a constant initializer."""
-        weights = {i.name for i in self.proto.graph.initializer}
-        return [n.name for n in self.proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
-
-def load_float_model(directory: Path) -> FloatModel:
-    path = directory / "model.onnx"
-    _, proto = read_onnx(directory)
-    config = SPJConfig.from_hf_dict(read_json(directory / "config.json"), source=str(directory / "config.json"))
-    contract.check_inputs([i.name for i in proto.graph.input], config.num_hidden_layers, config.num_key_value_heads,
-                          config.head_dim, str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if meta.get("spj.quantization", "none") != "none":
-        raise SPJError(f"{path}: already quantized ({meta['spj.quantization']}); quantize the float export")
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
-    check_matches_model(tokenizer, config.vocab_size, str(directory / "tokenizer.json"))
-    return FloatModel(directory, path, proto, config, tokenizer)
+def weight_matmuls(proto: onnx.ModelProto) -> list[str]:
+    """Nodes worth quantizing: MatMuls whose B is a constant initializer."""
+    weights = {i.name for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
 # --- text -----------------------------------------------------------------------------------------------------------
-def token_streams(paths: list, tokenizer, held_out_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each file's tokens split into a head (calibration) and a tail (the gate's held-out text)."""
-    heads, tails = [], []
-    for text in read_texts(paths).values():
-        ids = np.array(tokenizer.encode(text, add_special_tokens=False).ids, np.int64)
-        cut = int(len(ids) * (1 - held_out_fraction))
-        heads.append(ids[:cut])
-        tails.append(ids[cut:])
-    return np.concatenate(heads), np.concatenate(tails)
-
-
 class KVCacheCalibration(CalibrationDataReader):
     """Feeds for the calibrator: each sample is a prefill of `prefill` tokens on an empty past followed by
-    single-token decode steps whose past is the real cache the float model produced. Feeds are made lazily, so memory
-    holds one cache at a time."""
+    single-token decode steps whose past is the real cache the float model produced.
+
+    The float model runs once per sample, step by step, and what is kept is each sample's final cache: a step's
+    present is its past with the new positions appended as they are, so the first positions of the final cache are
+    every earlier step's past, exactly. Rewinding (each gate attempt, SmoothQuant's statistics) runs nothing again,
+    and memory holds one cache a sample (about 24 MB for the `small` preset's 32 samples)."""
 
     def __init__(self, float_lm: OnnxLM, windows: list[np.ndarray], prefill: int = PREFILL):
-        self.float_lm, self.windows, self.prefill = float_lm, windows, prefill
-        self.feeds = self._generate()
+        self.float_lm, self.prefill = float_lm, prefill
+        self.samples = [(window, self._final_cache(window))
+                        for window in tqdm(windows, desc="calibration", unit="sample", leave=False)]
+        self.rewind()
 
-    def _generate(self):
+    def _steps(self, window: np.ndarray) -> list[np.ndarray]:
+        return [window[:self.prefill], *window[self.prefill:, None]]  # a prompt, then one token at a time
+
+    def _final_cache(self, window: np.ndarray) -> list[np.ndarray]:
+        past = self.float_lm.empty_past(1)
+        for ids in self._steps(window)[:-1]:  # the last step's past is all the feeds need
+            _, past = self.float_lm.step(ids[None], past)
+        return past
+
+    def _feeds(self):
         lm = self.float_lm
-        for window in tqdm(self.windows, desc="calibration", unit="sample", leave=False):
-            past = lm.empty_past(1)
-            for ids in [window[:self.prefill], *window[self.prefill:, None]]:  # a prompt, then one token at a time
-                inputs = lm.step_inputs(ids[None], past)
-                yield lm.feed(*inputs, past)
-                _, past = lm(*inputs, past)
+        for window, cache in self.samples:
+            length = 0
+            for ids in self._steps(window):
+                past = [np.ascontiguousarray(c[:, :, :length]) for c in cache]
+                yield lm.feed(*lm.step_inputs(ids[None], past), past)
+                length += len(ids)
 
     def get_next(self):
         return next(self.feeds, None)
 
     def rewind(self):
-        self.feeds = self._generate()
+        self.feeds = self._feeds()
 
 
 # --- the gate -------------------------------------------------------------------------------------------------------
@@ -158,7 +152,7 @@ def heldout_figures(lm: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndar
 def gate_figures(reference: Figures, candidate: Figures) -> dict:
     return {"bits_per_byte_float": float(reference.bits_per_byte), "bits_per_byte": float(candidate.bits_per_byte),
             "bits_per_byte_increase": float(candidate.bits_per_byte / reference.bits_per_byte - 1),
-            "top1_agreement": float((reference.top1 == candidate.top1).mean()), "positions": len(reference.top1)}
+            "top1_agreement": top1_agreement(candidate.top1, reference.top1), "positions": len(reference.top1)}
 
 
 def gate_failures(figures: dict, max_bpb_increase: float, min_agreement: float) -> list[str]:
@@ -176,42 +170,49 @@ def gate_failures(figures: dict, max_bpb_increase: float, min_agreement: float) 
 
 # --- quantizers -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Settings:
-    mode: str
+class Recipe:
+    """The options with the target profile's defaults filled in."""
+    options: QuantizeOptions
     profile: Profile
     calibration: str
     per_channel: bool
-    calib_samples: int
-    block_size: int
-    accuracy_level: int
-    op_types: tuple[str, ...] | None = ("MatMul",)  # None: every type ORT can quantize, the recipe known to fail
+
+    @classmethod
+    def of(cls, options: QuantizeOptions) -> Recipe:
+        profile = load_profile(options.target)
+        return cls(options, profile, options.calibration or profile.calibration,
+                   profile.per_channel if options.per_channel is None else options.per_channel)
+
+    @property
+    def mode(self) -> str:
+        return self.options.mode
 
 
-def quantize_graph(source: Path, target: Path, float_model: FloatModel, settings: Settings, nodes: list[str],
+def quantize_graph(source: Path, target: Path, float_model: ExportArtifact, recipe: Recipe, nodes: list[str],
                    calibration: KVCacheCalibration | None) -> None:
-    p = settings.profile
-    if settings.mode == "static":
+    p, options = recipe.profile, recipe.options
+    if recipe.mode == "static":
         calibration.rewind()
         with contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress on stdout
             quantize_static(
                 str(source), str(target), calibration, quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=list(settings.op_types) if settings.op_types else None,
-                nodes_to_quantize=nodes if settings.op_types == ("MatMul",) else None,
-                per_channel=settings.per_channel, reduce_range=p.reduce_range,
+                op_types_to_quantize=list(options.op_types) if options.op_types else None,
+                nodes_to_quantize=nodes if options.op_types == ("MatMul",) else None,
+                per_channel=recipe.per_channel, reduce_range=p.reduce_range,
                 activation_type=QUANT_TYPES[p.activation_type], weight_type=QUANT_TYPES[p.weight_type],
-                calibrate_method=CALIBRATIONS[settings.calibration],
+                calibrate_method=CALIBRATION_METHODS[recipe.calibration],
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"],  # float out: MatMulIntegerToFloat
                                "CalibMaxIntermediateOutputs": 64,  # bounds the calibrator's memory
                                "CalibPercentile": 99.999})
-    elif settings.mode == "dynamic":
+    elif recipe.mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
-                         per_channel=settings.per_channel, reduce_range=p.reduce_range,
+                         per_channel=recipe.per_channel, reduce_range=p.reduce_range,
                          weight_type=QUANT_TYPES[p.weight_type], extra_options={"MatMulConstBOnly": True})
     else:
         model = onnx.load(str(source))
-        excluded = [n for n in float_model.weight_matmuls if n not in nodes]
-        quantizer = MatMulNBitsQuantizer(model, block_size=settings.block_size, is_symmetric=True,
-                                         accuracy_level=settings.accuracy_level, nodes_to_exclude=excluded)
+        excluded = [n for n in weight_matmuls(float_model.proto) if n not in nodes]
+        quantizer = MatMulNBitsQuantizer(model, block_size=options.block_size, is_symmetric=True,
+                                         accuracy_level=options.accuracy_level, nodes_to_exclude=excluded)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
 
@@ -284,10 +285,11 @@ def exposing(proto: onnx.ModelProto, tensors: list[str], config) -> OnnxLM:
     return OnnxLM(exposed.SerializeToString(), config)
 
 
-def sensitivity_order(float_model: FloatModel, quantized: Path, window: np.ndarray) -> list[str]:
+def sensitivity_order(float_model: ExportArtifact, quantized: Path, window: np.ndarray) -> list[str]:
     """Weight MatMuls by the relative error of their outputs against the float model, worst first: the order in
     which --auto-exclude keeps them in float. Quantizers keep each output's tensor name, so outputs pair by name."""
-    tensors = {n.output[0]: n.name for n in float_model.proto.graph.node if n.name in float_model.weight_matmuls}
+    matmuls = set(weight_matmuls(float_model.proto))
+    tensors = {n.output[0]: n.name for n in float_model.proto.graph.node if n.name in matmuls}
 
     def values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         names = [t for t in tensors if t in {o for n in proto.graph.node for o in n.output}]
@@ -340,170 +342,195 @@ def smooth(proto: onnx.ModelProto, config, calibration: KVCacheCalibration, alph
 
 # --- the stage ------------------------------------------------------------------------------------------------------
 def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None, *, calib: list | None = None,
-             mode: str = "static", target: str = "auto", calib_samples: int = 32, calibration: str | None = None,
-             per_channel: bool | None = None, exclude: tuple[str, ...] = (), auto_exclude: bool = False,
-             eval_data: list | None = None, eval_windows: int = 24, max_bpb_increase: float = 0.02,
-             min_agreement: float = 0.95, block_size: int = 32, accuracy_level: int = 4, force: bool = False,
-             overwrite: bool = False, measure: bool = True, smoothquant: float | None = None,
-             op_types: tuple[str, ...] | None = ("MatMul",)) -> dict:
-    """Quantize the float export in `model_dir` into `out`. `op_types` is for experiments: anything but MatMul-only
-    quantizes the attention path too and fails the gate; `measure` times fp32 against the result (on by default)."""
-    if mode not in MODES:
-        raise SPJError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if calibration is not None and calibration not in CALIBRATIONS:
-        raise SPJError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-    if calib_samples <= 0 or eval_windows <= 0:
-        raise SPJError("--calib-samples and --eval-windows must be positive")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise SPJError(f"--block-size must be a power of two ≥ 16, got {block_size}")
-    if smoothquant is not None and not (0 < smoothquant < 1 and mode == "static"):
-        raise SPJError(f"--smoothquant takes an alpha in (0, 1) and goes with --mode static, got {smoothquant}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise SPJError(f"--accuracy-level must be 0-4, got {accuracy_level}")
-    if not (0 <= max_bpb_increase and 0 <= min_agreement <= 1):
-        raise SPJError("--max-bpb-increase must be ≥ 0 and --min-agreement in [0, 1]")
+             eval_data: list | None = None, options: QuantizeOptions = QuantizeOptions(),
+             overwrite: bool = False) -> dict:
+    """Quantize the float export in `model_dir` into `out`, calibrated on `calib` (static mode) and gated on held-out
+    text: `eval_data`, else the tail of each `calib` file."""
     if not calib and not eval_data:
         raise SPJError("no text given: pass --calib DIR (static mode calibrates on it; every mode measures its gate "
                        "on held-out text from it or from --eval)")
-    profile = load_profile(target)
+    recipe = Recipe.of(options)
     logging.getLogger("onnxruntime.quantization.shape_inference").setLevel(logging.WARNING)
     model_dir = Path(model_dir)
-    out = Path(out if out is not None else ("runs/int4" if mode == "int4" else "runs/int8"))
+    out = Path(out if out is not None else ("runs/int4" if options.mode == "int4" else "runs/int8"))
     check_output(out, [model_dir, *(calib or []), *(eval_data or [])], overwrite=overwrite)
-    float_model = load_float_model(model_dir)
-    settings = Settings(mode, profile, calibration or profile.calibration,
-                        profile.per_channel if per_channel is None else per_channel, calib_samples, block_size,
-                        accuracy_level, tuple(op_types) if op_types else None)
-    started = time.perf_counter()
-
-    # Text: calibration windows, and held-out windows for the gate that calibration never sees.
-    tokenizer, cfg = float_model.tokenizer, float_model.config
-    calib_stream, held_out = (token_streams(calib, tokenizer, 0.2) if calib else (np.zeros(0, np.int64), None))
-    if eval_data:
-        held_out = np.concatenate([token_streams([p], tokenizer, 1.0)[1] for p in eval_data])
-    eval_set = spaced_windows(held_out, min(EVAL_WINDOW, cfg.max_position_embeddings), eval_windows)
-    if not eval_set:
-        raise SPJError(f"{', '.join(map(str, eval_data or calib))}: too little held-out text for the accuracy gate "
-                       f"(need at least {EVAL_WINDOW} tokens)")
-    float_lm = OnnxLM(float_model.path, cfg)
-    calibration_reader = None
-    if mode == "static":
-        calib_set = spaced_windows(calib_stream, min(PREFILL + DECODE, cfg.max_position_embeddings), calib_samples)
-        if len(calib_set) < min(4, calib_samples):
-            raise SPJError(f"{', '.join(map(str, calib))}: too little text to calibrate ({len(calib_stream)} tokens; "
-                           f"need {4 * (PREFILL + DECODE)} or more)")
-        # ORT's histogram calibrators (entropy, percentile) stack every feed's tensors and so need one shape: they
-        # get the same tokens one at a time, which gives a prefill's activations too, as causal attention is exact.
-        prefill = PREFILL if settings.calibration == "minmax" else 1
-        calibration_reader = KVCacheCalibration(float_lm, calib_set, prefill)
-    byte_lengths = token_byte_lengths(tokenizer, cfg.vocab_size)
-    reference = heldout_figures(float_lm, eval_set, byte_lengths)
-
-    unknown = [n for n in exclude if n not in float_model.weight_matmuls]
+    float_model = float_export(model_dir)
+    unknown = [n for n in options.exclude if n not in weight_matmuls(float_model.proto)]
     if unknown:
         raise SPJError(f"--exclude {unknown[0]}: no such weight MatMul (e.g. /lm_head/MatMul, "
                        f"/layers.0/mlp/down_proj/MatMul)")
-    excluded = {n: "excluded by --exclude" for n in exclude}
+    started = time.perf_counter()
+    calib_set, eval_set = prepare_text(float_model, calib or [], eval_data, options)
+    float_lm = OnnxLM(float_model.graph, float_model.config)
+    calibration = calibration_reader(float_lm, calib_set, recipe)
     with scratch_dir(out) as tmp, tempfiles_in(tmp):
-        prepared, source, smoothed = tmp / "prepared.onnx", float_model.path, []
-        if smoothquant:
-            proto = onnx.ModelProto()
-            proto.CopyFrom(float_model.proto)
-            smoothed = smooth(proto, cfg, calibration_reader, smoothquant)
-            source = tmp / "smoothed.onnx"
-            onnx.save(proto, str(source))
-        # onnx's own shape inference suffices (the fused graph declares its contrib ops' outputs); ORT's symbolic
-        # inference gives up on traced graphs, leaving a temporary model in the working directory as it does.
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        candidate = tmp / "model.onnx"
-
-        def attempt(excluded: dict) -> dict:
-            nodes = [n for n in float_model.weight_matmuls if n not in excluded]
-            quantize_graph(prepared, candidate, float_model, settings, nodes, calibration_reader)
-            quantize_embedding(candidate)
-            return gate_figures(reference, heldout_figures(OnnxLM(candidate, cfg), eval_set, byte_lengths))
-
-        figures = attempt(excluded)
-        failures = gate_failures(figures, max_bpb_increase, min_agreement)
-        if failures and mode == "int4" and "/lm_head/MatMul" not in excluded:
-            excluded["/lm_head/MatMul"] = "int4 LM head broke the accuracy gate"
-            figures = attempt(excluded)
-            failures = gate_failures(figures, max_bpb_increase, min_agreement)
-        if failures and auto_exclude:
-            order = [n for n in sensitivity_order(float_model, candidate, eval_set[0]) if n not in excluded]
-            count = 1
-            while failures and order:
-                trial = {**excluded, **{n: "kept in float by --auto-exclude (most sensitive)" for n in order[:count]}}
-                figures = attempt(trial)
-                failures = gate_failures(figures, max_bpb_increase, min_agreement)
-                if not failures or count == len(order):
-                    excluded = trial
-                    break
-                count = min(2 * count, len(order))
-        if failures and not force:
-            raise SPJError(f"{mode} quantization failed the accuracy gate: {'; '.join(failures)}; nothing written "
-                           "(--auto-exclude keeps the most sensitive layers in float, --force writes it anyway)")
-
-        quantized = onnx.load(str(candidate))
-        del quantized.metadata_props[:]
-        meta = {p.key: p.value for p in float_model.proto.metadata_props}
-        meta.update({"spj.quantization": mode, "spj.quantization_target": profile.name})
-        for key, value in meta.items():
-            quantized.metadata_props.add(key=key, value=value)
-        onnx.save(quantized, str(candidate))
+        outcome = gated_attempts(float_model, float_lm, eval_set, recipe, calibration, tmp)
+        if outcome.failures and not options.force:
+            raise SPJError(f"{options.mode} quantization failed the accuracy gate: {'; '.join(outcome.failures)}; "
+                           "nothing written (--auto-exclude keeps the most sensitive layers in float, --force writes "
+                           "it anyway)")
+        candidate = outcome.path
+        stamp(candidate, float_model, recipe)
         executed = executed_ops(candidate)
         speed = {}
-        if measure:
+        if options.measure:
             for threads in (1, 2):
-                speed[threads] = measure_speed({"float32": float_model.path, mode: candidate}, cfg, threads=threads)
-        report = {
-            "stage": "quantize", "mode": mode, "source": str(model_dir), "target": profile.name,
-            "target_description": profile.description,
-            "settings": {"calibration": settings.calibration if mode == "static" else None,
-                         "per_channel": settings.per_channel, "reduce_range": profile.reduce_range,
-                         "activation_type": profile.activation_type if mode == "static" else None,
-                         "weight_type": "int4" if mode == "int4" else profile.weight_type,
-                         "block_size": block_size if mode == "int4" else None,
-                         "accuracy_level": accuracy_level if mode == "int4" else None,
-                         "calibration_samples": len(calib_set) if mode == "static" else 0,
-                         "smoothquant_alpha": smoothquant, "smoothed": smoothed,
-                         "calibration_feeds": (f"per sample, a prefill of {calibration_reader.prefill} tokens then "
-                                               f"{PREFILL + DECODE - calibration_reader.prefill} cached decode steps"
-                                               if calibration_reader is not None else None)},
-            "quantized": [n for n in float_model.weight_matmuls if n not in excluded],
-            "embedding": "int8 rows with a float scale per row (for size: a Gather reads one row a token)",
-            "excluded": {**excluded, "(everything but weight MatMuls and the embedding)": "attention scores, masks "
-                         "and norms gain nothing from int8 and break when quantized"},
-            "executed": executed,
-            "gate": {**figures, "max_bpb_increase": max_bpb_increase, "min_agreement": min_agreement,
-                     "passed": not failures, "failures": failures, "heldout_windows": len(eval_set)},
-            "file_bytes": {"float32": float_model.path.stat().st_size, mode: candidate.stat().st_size},
-            "speed": {f"threads_{t}": s for t, s in speed.items()},
-            "elapsed_s": round(time.perf_counter() - started, 1),
-        }
-        if speed:
-            best = max(speed, key=lambda t: speed[t][mode]["decode_tokens_per_s"])
-            report["best_threads"] = best
-            report["decode_speedup"] = (speed[best][mode]["decode_tokens_per_s"]
-                                        / max(s["float32"]["decode_tokens_per_s"] for s in speed.values()))
+                speed[threads] = measure_speed({"float32": float_model.graph_path, options.mode: candidate},
+                                               float_model.config, threads=threads)
+        report = build_report(model_dir, float_model, recipe, calibration, outcome, executed, speed, len(eval_set),
+                              time.perf_counter() - started)
         with staged_dir(out) as staged:
             (staged / "model.onnx").write_bytes(candidate.read_bytes())
-            save_tokenizer(tokenizer, staged / "tokenizer.json")
-            write_json(staged / "config.json", cfg.to_hf_dict())
+            save_tokenizer(float_model.tokenizer, staged / "tokenizer.json")
+            write_json(staged / "config.json", float_model.config.to_hf_dict())
             write_json(staged / "report.json", report)
-    if failures:
+    if outcome.failures:
         print(f"spj-edge: warning: {out} failed the accuracy gate and was written anyway (--force): "
-              f"{'; '.join(failures)}")
-    sizes = report["file_bytes"]
-    rows = [("mode", f"{mode} ({profile.name})"), ("file", f"{sizes[mode] / 1e6:.2f} MB "
+              f"{'; '.join(outcome.failures)}")
+    print_report(report, model_dir, out)
+    return report
+
+
+def prepare_text(float_model: ExportArtifact, calib: list, eval_data: list | None,
+                 options: QuantizeOptions) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Calibration windows (static mode), and held-out windows for the gate that calibration never sees."""
+    tokenizer, context = float_model.tokenizer, float_model.config.max_position_embeddings
+    calib_stream, held_out = calibration_split(calib, tokenizer) if calib else (np.zeros(0, np.int64), None)
+    if eval_data:
+        held_out = tokenize_corpus(list(read_texts(eval_data).values()), tokenizer)
+    eval_set = spaced_windows(held_out, min(SCORED_WINDOW, context), options.eval_windows)
+    if not eval_set:
+        raise SPJError(f"{', '.join(map(str, eval_data or calib))}: too little held-out text for the accuracy gate "
+                       f"(need at least {SCORED_WINDOW} tokens)")
+    if options.mode != "static":
+        return [], eval_set
+    calib_set = spaced_windows(calib_stream, min(PREFILL + DECODE, context), options.calib_samples)
+    if len(calib_set) < min(4, options.calib_samples):
+        raise SPJError(f"{', '.join(map(str, calib)) or 'no --calib'}: too little text to calibrate "
+                       f"({len(calib_stream)} tokens; need {4 * (PREFILL + DECODE)} or more)")
+    return calib_set, eval_set
+
+
+def calibration_reader(float_lm: OnnxLM, calib_set: list[np.ndarray], recipe: Recipe) -> KVCacheCalibration | None:
+    """The static mode's feeds, made once for every attempt and for SmoothQuant."""
+    if recipe.mode != "static":
+        return None
+    # ORT's histogram calibrators (entropy, percentile) stack every feed's tensors and so need one shape: they get the
+    # same tokens one at a time, which gives a prefill's activations too, as causal attention is exact.
+    return KVCacheCalibration(float_lm, calib_set, PREFILL if recipe.calibration == "minmax" else 1)
+
+
+@dataclass
+class Outcome:
+    """The last attempt: its graph, its gate figures and failures, and what it kept in float."""
+    path: Path
+    figures: dict
+    failures: list[str]
+    excluded: dict[str, str]  # node → why
+    smoothed: list[str]  # weights SmoothQuant scaled
+
+
+def gated_attempts(float_model: ExportArtifact, float_lm: OnnxLM, eval_set: list[np.ndarray], recipe: Recipe,
+                   calibration: KVCacheCalibration | None, tmp: Path) -> Outcome:
+    """Quantize, measure the gate, and while it fails try again with more kept in float: an int4 LM head first,
+    then (--auto-exclude) the most sensitive MatMuls, doubling their number each time."""
+    options, cfg = recipe.options, float_model.config
+    byte_lengths = token_byte_lengths(float_model.tokenizer, cfg.vocab_size)
+    reference = heldout_figures(float_lm, eval_set, byte_lengths)
+    matmuls = weight_matmuls(float_model.proto)
+    prepared, source, smoothed = tmp / "prepared.onnx", float_model.graph_path, []
+    if options.smoothquant:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(float_model.proto)
+        smoothed = smooth(proto, cfg, calibration, options.smoothquant)
+        source = tmp / "smoothed.onnx"
+        onnx.save(proto, str(source))
+    # onnx's own shape inference suffices (the fused graph declares its contrib ops' outputs); ORT's symbolic
+    # inference gives up on traced graphs, leaving a temporary model in the working directory as it does.
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    candidate = tmp / "model.onnx"
+
+    def attempt(excluded: dict) -> Outcome:
+        quantize_graph(prepared, candidate, float_model, recipe, [n for n in matmuls if n not in excluded],
+                       calibration)
+        quantize_embedding(candidate)
+        figures = gate_figures(reference, heldout_figures(OnnxLM(candidate, cfg), eval_set, byte_lengths))
+        return Outcome(candidate, figures, gate_failures(figures, options.max_bpb_increase, options.min_agreement),
+                       excluded, smoothed)
+
+    outcome = attempt({n: "excluded by --exclude" for n in options.exclude})
+    if outcome.failures and options.mode == "int4" and "/lm_head/MatMul" not in outcome.excluded:
+        outcome = attempt({**outcome.excluded, "/lm_head/MatMul": "int4 LM head broke the accuracy gate"})
+    if outcome.failures and options.auto_exclude:
+        order = [n for n in sensitivity_order(float_model, candidate, eval_set[0]) if n not in outcome.excluded]
+        kept, count = outcome.excluded, 1
+        while order:
+            outcome = attempt({**kept, **{n: "kept in float by --auto-exclude (most sensitive)" for n in order[:count]}})
+            if not outcome.failures or count == len(order):
+                break
+            count = min(2 * count, len(order))
+    return outcome
+
+
+def stamp(path: Path, float_model: ExportArtifact, recipe: Recipe) -> None:
+    """The float model's metadata on the quantized graph, with the quantization's mode and target."""
+    quantized = onnx.load(str(path))
+    del quantized.metadata_props[:]
+    meta = {**float_model.metadata, "spj.quantization": recipe.mode, "spj.quantization_target": recipe.profile.name}
+    for key, value in meta.items():
+        quantized.metadata_props.add(key=key, value=value)
+    onnx.save(quantized, str(path))
+
+
+def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe,
+                 calibration: KVCacheCalibration | None, outcome: Outcome, executed: dict, speed: dict,
+                 heldout_windows: int, elapsed_s: float) -> dict:
+    options, profile, mode = recipe.options, recipe.profile, recipe.mode
+    report = {
+        "stage": "quantize", "mode": mode, "source": str(model_dir), "target": profile.name,
+        "target_description": profile.description,
+        "settings": {"calibration": recipe.calibration if mode == "static" else None,
+                     "per_channel": recipe.per_channel, "reduce_range": profile.reduce_range,
+                     "activation_type": profile.activation_type if mode == "static" else None,
+                     "weight_type": "int4" if mode == "int4" else profile.weight_type,
+                     "block_size": options.block_size if mode == "int4" else None,
+                     "accuracy_level": options.accuracy_level if mode == "int4" else None,
+                     "calibration_samples": len(calibration.samples) if calibration is not None else 0,
+                     "smoothquant_alpha": options.smoothquant, "smoothed": outcome.smoothed,
+                     "calibration_feeds": (f"per sample, a prefill of {calibration.prefill} tokens then "
+                                           f"{PREFILL + DECODE - calibration.prefill} cached decode steps"
+                                           if calibration is not None else None)},
+        "quantized": [n for n in weight_matmuls(float_model.proto) if n not in outcome.excluded],
+        "embedding": "int8 rows with a float scale per row (for size: a Gather reads one row a token)",
+        "excluded": {**outcome.excluded, "(everything but weight MatMuls and the embedding)": "attention scores, "
+                     "masks and norms gain nothing from int8 and break when quantized"},
+        "executed": executed,
+        "gate": {**outcome.figures, "max_bpb_increase": options.max_bpb_increase,
+                 "min_agreement": options.min_agreement, "passed": not outcome.failures,
+                 "failures": outcome.failures, "heldout_windows": heldout_windows},
+        "file_bytes": {"float32": float_model.file_bytes, mode: outcome.path.stat().st_size},
+        "speed": {f"threads_{t}": s for t, s in speed.items()},
+        "elapsed_s": round(elapsed_s, 1),
+    }
+    if speed:
+        best = max(speed, key=lambda t: speed[t][mode]["decode_tokens_per_s"])
+        report["best_threads"] = best
+        report["decode_speedup"] = (speed[best][mode]["decode_tokens_per_s"]
+                                    / max(s["float32"]["decode_tokens_per_s"] for s in speed.values()))
+    return report
+
+
+def print_report(report: dict, model_dir: Path, out: Path) -> None:
+    mode, sizes, figures = report["mode"], report["file_bytes"], report["gate"]
+    kept = [n for n in report["excluded"] if n.startswith("/")]
+    rows = [("mode", f"{mode} ({report['target']})"), ("file", f"{sizes[mode] / 1e6:.2f} MB "
             f"({sizes[mode] / sizes['float32']:.0%} of float32)"),
             ("bits/byte", f"{figures['bits_per_byte']:.4f} vs {figures['bits_per_byte_float']:.4f} "
              f"({figures['bits_per_byte_increase']:+.2%})"),
             ("top-1 agreement", f"{figures['top1_agreement']:.2%} of {figures['positions']} positions"),
-            ("integer kernels", json.dumps(executed["integer_ops"])), ("kept in float", len(excluded))]
-    if speed:
-        best = speed[report["best_threads"]]
+            ("integer kernels", json.dumps(report["executed"]["integer_ops"])), ("kept in float", len(kept))]
+    if report["speed"]:
+        best = report["speed"][f"threads_{report['best_threads']}"]
         rows.append(("decode tokens/s", f"{best[mode]['decode_tokens_per_s']:.0f} vs float32 "
                      f"{best['float32']['decode_tokens_per_s']:.0f} ({report['best_threads']} threads)"))
     print_summary(f"quantize: {model_dir} → {out / 'model.onnx'}", rows)
-    return report

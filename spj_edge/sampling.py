@@ -9,6 +9,11 @@ import numpy as np
 from .errors import SPJError
 
 
+# `spj-edge generate`'s defaults, and those a package's manifest gives the device: it samples as the reference does
+# unless told otherwise. (SamplingParams' own defaults are greedy: what eval and the checks use.)
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy

@@ -28,12 +28,16 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from .artifact import read_json
 from .checkpoint import load_model, save_checkpoint
 from .data import Dataset, build_dataset, read_texts, tokenize_corpus
 from .errors import SPJError
-from .model import SPJConfig, Transformer
-from .options import PRECISIONS, TrainOptions
-from .outputs import check_output, print_summary, read_json, staged_dir, write_json
+from .metrics import bits_per_byte, perplexity
+from .config import SPJConfig
+from .model import Transformer
+from .options import TrainOptions
+from .outputs import check_output, staged_dir, write_json
+from .tables import print_summary
 from .tokenizer import (check_matches_model, load_tokenizer, special_token_ids, specials_as_text, token_byte_lengths,
                         train_tokenizer)
 
@@ -65,8 +69,7 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def heldout_metrics(model: Transformer, windows: np.ndarray, byte_lengths: torch.Tensor, batch_size: int,
                     amp_dtype: torch.dtype | None = None) -> dict:
-    """Loss and perplexity per token, and bits per byte: summed NLL in bits over the UTF-8 bytes the targets stand
-    for, which is comparable across tokenizers."""
+    """Loss and perplexity per token, and bits per byte (metrics.py) of the held-out windows."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -80,8 +83,7 @@ def heldout_metrics(model: Transformer, windows: np.ndarray, byte_lengths: torch
         tokens += targets.numel()
         n_bytes += int(byte_lengths[targets.cpu()].sum())
     model.train(was_training)
-    loss = nll / tokens
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": nll / math.log(2) / n_bytes,
+    return {"loss": nll / tokens, "perplexity": perplexity(nll, tokens), "bits_per_byte": bits_per_byte(nll, n_bytes),
             "tokens": tokens, "bytes": n_bytes}
 
 

@@ -28,7 +28,7 @@ def small_corpus() -> list[Path]:
 
 @pytest.fixture(scope="session")
 def nano_checkpoint(tmp_path_factory, small_corpus) -> Path:
-    from spj_edge.model import load_preset
+    from spj_edge.config import load_preset
     from spj_edge.train import TrainOptions, train
 
     out = tmp_path_factory.mktemp("ckpt") / "nano"

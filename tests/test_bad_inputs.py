@@ -26,7 +26,8 @@ from spj_edge.checkpoint import save_checkpoint
 from spj_edge.cli import main as cli_main
 from spj_edge.errors import EXIT_USAGE
 from spj_edge.export import export
-from spj_edge.model import Transformer, load_preset
+from spj_edge.config import load_preset
+from spj_edge.model import Transformer
 from spj_edge.package import package
 from spj_edge.runtime.__main__ import main as runtime_main
 from spj_edge.tokenizer import special_token_ids, train_tokenizer

@@ -14,7 +14,8 @@ from onnx import numpy_helper
 
 from conftest import assert_one_line_error, run_cli
 from spj_edge.bench import KINDS, MAX_SPREAD, bench, cache_bytes, chart_figure, print_result, roofline
-from spj_edge.checkpoint import load_config, read_state_dict
+from spj_edge.artifact import open_checkpoint
+from spj_edge.checkpoint import read_state_dict
 from spj_edge.errors import SPJError
 from spj_edge.export import export
 from spj_edge.package import package
@@ -61,7 +62,7 @@ def onnx_bytes_per_token(path, config) -> float:
 
 def torch_bytes_per_token(checkpoint, config) -> float:
     """float32 parameters: one embedding row, and the table again in full as the tied LM head."""
-    state = read_state_dict(checkpoint)
+    state = read_state_dict(open_checkpoint(checkpoint).weight_files)
     everything = sum(t.numel() for t in state.values()) * 4
     embedding = state["model.embed_tokens.weight"]
     assert config.tie_word_embeddings and "lm_head.weight" not in state
@@ -91,7 +92,7 @@ def test_every_row_and_figure(result, models):
         assert (row["roofline_share"] is None) == bool(row["roofline_warning"]), name
         assert row["roofline_share"] is None or 0 < row["roofline_share"] <= 1, name
         assert row["file_bytes"] < row["peak_rss_bytes"] < 3e9, name
-        assert row["parameters"] == load_config(models["torch"]).num_parameters()
+        assert row["parameters"] == open_checkpoint(models["torch"]).config.num_parameters()
     assert rows["fp32 export"]["bits_per_byte"] == 2.5 and "bits_per_byte" not in rows["fp32 package"]
     assert rows["fp32 export"]["kind"] == "onnx" and rows["fp32 package"]["kind"] == "package"
     assert rows["fp32 export"]["file_bytes"] == (models["onnx"] / "model.onnx").stat().st_size
@@ -108,7 +109,7 @@ def test_roofline_is_bandwidth_over_bytes_from_memory(result, models):
     figures, _ = result
     machine = figures["machine"]
     bandwidth, cache = machine["bandwidth_gb_s"] * 1e9, machine["cache_bytes"]
-    config = load_config(models["torch"])
+    config = open_checkpoint(models["torch"]).config
     expected = {"fp32 export": onnx_bytes_per_token(models["onnx"] / "model.onnx", config),
                 "fp32 package": onnx_bytes_per_token(models["package"] / "model.onnx", config),
                 str(models["torch"]): torch_bytes_per_token(models["torch"], config)}

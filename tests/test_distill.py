@@ -11,7 +11,9 @@ from spj_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from spj_edge.data import read_texts
 from spj_edge.distill import agreement_with_teacher, distill, distillation_loss, kd_loss
 from spj_edge.errors import SPJError
-from spj_edge.model import Transformer, load_preset
+from spj_edge.config import load_preset
+from spj_edge.model import Transformer
+from spj_edge.options import PruneOptions
 from spj_edge.prune import prune
 from spj_edge.tokenizer import train_tokenizer
 from spj_edge.train import TrainOptions, load_dataset
@@ -93,7 +95,7 @@ def test_distilled_student_moves_towards_the_teacher(nano_checkpoint, tiny_prese
 
 
 def test_a_pruned_teacher_distills_and_resume_refuses_a_changed_temperature(nano_checkpoint, tmp_path):
-    prune(nano_checkpoint, tmp_path / "pruned", ffn_ratio=0.5, importance="l1")
+    prune(nano_checkpoint, tmp_path / "pruned", options=PruneOptions(ffn_ratio=0.5, importance="l1"))
     out = tmp_path / "recovered"
     opts = TrainOptions(steps=4, save_every=2, **FAST)
     distill(nano_checkpoint, out, student_dir=tmp_path / "pruned", data=DATA, opts=opts)

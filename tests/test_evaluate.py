@@ -15,6 +15,7 @@ from spj_edge import evaluate as ev
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.data import tokenize_corpus
 from spj_edge.export import export
+from spj_edge.options import EvalOptions
 from spj_edge.package import package
 
 NLTK_DATA = SHARED_DATA / "nltk_data"
@@ -37,7 +38,7 @@ def kinds(nano_checkpoint, tmp_path_factory):
 
 
 def test_bits_per_byte_is_summed_nll_over_bytes_computed_by_transformers(nano_checkpoint, ascii_text):
-    report = ev.evaluate(nano_checkpoint, [ascii_text], windows=10**6, prompts=0)
+    report = ev.evaluate(nano_checkpoint, [ascii_text], options=EvalOptions(windows=10**6, prompts=0))
     figures = report["files"][str(ascii_text)]
 
     # Independently: transformers' Llama on every non-overlapping 128-token window of the same token stream, and
@@ -60,8 +61,8 @@ def test_bits_per_byte_is_summed_nll_over_bytes_computed_by_transformers(nano_ch
 
 def test_checkpoint_export_and_package_give_the_same_figures(kinds):
     texts = {p: p.read_text(encoding="utf-8") for p in (UD / "en_ewt_test.txt", UD / "zh_gsdsimp_test.txt")}
-    settings = ev.Settings(windows=4, prompts=4, new_tokens=12)
-    results = {kind: ev.run(ev.load_model(path), texts, settings) for kind, path in kinds.items()}
+    settings = EvalOptions(windows=4, prompts=4, new_tokens=12)
+    results = {kind: ev.run(ev.scorer(path), texts, settings) for kind, path in kinds.items()}
     reference = results["checkpoint"]
     for kind in ("onnx", "package"):  # the package is scored token by token through the runtime's KV cache
         for path, r in results[kind].items():

@@ -9,7 +9,8 @@ from conftest import logit_bound
 from spj_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from spj_edge.errors import SPJError
 from spj_edge.generate import generate
-from spj_edge.model import SPJConfig, Transformer, load_preset, positions_from_mask
+from spj_edge.config import SPJConfig, load_preset
+from spj_edge.model import Transformer, positions_from_mask
 from spj_edge.sampling import SamplingParams
 
 GQA = SPJConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=8,

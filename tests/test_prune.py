@@ -10,6 +10,7 @@ from transformers import LlamaForCausalLM
 from conftest import UD, assert_one_line_error, logit_bound, run_cli
 from spj_edge.checkpoint import load_checkpoint, load_model
 from spj_edge.export import export
+from spj_edge.options import PruneOptions
 from spj_edge.prune import activation_importance, calibration_split, l1_importance, prune, prune_model
 from spj_edge.tokenizer import token_byte_lengths
 from spj_edge.train import heldout_metrics
@@ -25,8 +26,8 @@ def nano(nano_checkpoint, small_corpus):
 @pytest.fixture(scope="module")
 def pruned_dir(nano_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("pruned") / "half"
-    report = prune(nano_checkpoint, out, ffn_ratio=0.5, head_ratio=0.5, importance="activation",
-                   calib=[UD / "en_ewt_dev.txt"])
+    report = prune(nano_checkpoint, out, calib=[UD / "en_ewt_dev.txt"],
+                   options=PruneOptions(ffn_ratio=0.5, head_ratio=0.5, importance="activation"))
     return out, report
 
 
@@ -41,10 +42,10 @@ IDS = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 @pytest.mark.parametrize("importance", ["activation", "l1"])
 def test_ratio_zero_is_the_identity_and_a_real_ratio_is_not(nano, importance):
     model, calib = nano
-    same, _ = prune_model(model, 0.0, 0.0, importance, calib)
+    same, _ = prune_model(model, PruneOptions(0.0, 0.0, importance), calib)
     assert same.config == model.config
     assert torch.equal(logits(same, IDS), logits(model, IDS))
-    smaller, _ = prune_model(model, 0.25, 0.0, importance, calib)
+    smaller, _ = prune_model(model, PruneOptions(0.25, 0.0, importance), calib)
     assert smaller.config.intermediate_size == 144  # 176 · 0.75 = 132, rounded up to a multiple of 16
     assert not torch.allclose(logits(smaller, IDS), logits(model, IDS))
 
@@ -65,7 +66,7 @@ def test_a_zeroed_channel_and_a_zeroed_head_rank_last_and_go_first(nano, importa
     assert ffn[1].argmin() == 37 and ffn[1][37] == 0 and (ffn[1] > 0).sum() == 175
     assert heads[1].argmin() == 3 and heads[1][3] == 0
     # remove exactly one channel (no rounding) and one query head per KV group
-    pruned, details = prune_model(model, 1 / 176, 0.5, importance, calib, multiple=1)
+    pruned, details = prune_model(model, PruneOptions(1 / 176, 0.5, importance, multiple=1), calib)
     assert pruned.config.intermediate_size == 175 and pruned.config.num_attention_heads == 2
     assert details["layers"][1]["heads_removed"][-1] == 3 and len(details["layers"][1]["heads_removed"]) == 2
     # the zeroed channel contributed nothing, so its removal leaves layer 1's MLP output unchanged
@@ -108,7 +109,7 @@ def test_pruned_checkpoint_exports_and_matches_pytorch(pruned_dir, tmp_path, fus
 
 
 def test_magnitude_pruning_zeroes_weights_and_says_it_shrinks_nothing(nano_checkpoint, tmp_path):
-    report = prune(nano_checkpoint, tmp_path / "sparse", ffn_ratio=0.5, method="magnitude")
+    report = prune(nano_checkpoint, tmp_path / "sparse", options=PruneOptions(ffn_ratio=0.5, method="magnitude"))
     model, sparse = load_model(nano_checkpoint), load_model(tmp_path / "sparse")
     assert sparse.config == model.config
     down = sparse.layers[0].mlp.down_proj.weight

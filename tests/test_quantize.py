@@ -13,7 +13,8 @@ from spj_edge import contract
 from spj_edge.errors import SPJError
 from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
-from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, load_float_model, quantize
+from spj_edge.options import QuantizeOptions
+from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, float_export, quantize
 
 CALIB = [UD / "en_ewt_dev.txt", UD / "fr_gsd_dev.txt", SHAKESPEARE / "val.txt"]
 
@@ -50,7 +51,7 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     assert report["settings"]["calibration_samples"] >= 4 and report["target"] in ("x86-vnni", "x86", "arm64")
     assert set(report["speed"]) == {"threads_1", "threads_2"} and report["best_threads"] in (1, 2)
     assert report["file_bytes"]["static"] < report["file_bytes"]["float32"]
-    model = load_float_model(exports / "fused")
+    model = float_export(exports / "fused")
     assert_contract(out / "model.onnx", model.config)
     proto = onnx.load(out / "model.onnx")
     initializers = {i.name: i for i in proto.graph.initializer}
@@ -66,12 +67,13 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     ("static", {"calibration": "minmax", "per_channel": False, "smoothquant": 0.5}, "MatMulIntegerToFloat"),
 ])
 def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
-    report = quantize(exports / "fused", tmp_path / mode, calib=CALIB, mode=mode, measure=False, **options)
+    report = quantize(exports / "fused", tmp_path / mode, calib=CALIB,
+                      options=QuantizeOptions(mode=mode, measure=False, **options))
     assert report["gate"]["passed"] and report["gate"]["top1_agreement"] >= 0.95
     assert report["executed"]["integer_ops"].get(kernel, 0) >= 1
     kept = [n for n in report["excluded"] if n.startswith("/")]
     assert sorted(kept) == sorted(report["executed"]["float_weight_matmuls"])
-    assert_contract(tmp_path / mode / "model.onnx", load_float_model(exports / "fused").config)
+    assert_contract(tmp_path / mode / "model.onnx", float_export(exports / "fused").config)
 
 
 def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
@@ -79,13 +81,14 @@ def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
     plain graph."""
     with pytest.raises(SPJError, match=r"static quantization failed the accuracy gate: .*top-1 agreement with "
                                        r"float32 is \d+\.\d+%, under the 95\.00% required"):
-        quantize(exports / "plain", tmp_path / "bad", calib=CALIB, op_types=None, calibration="minmax", measure=False)
+        quantize(exports / "plain", tmp_path / "bad", calib=CALIB,
+                 options=QuantizeOptions(op_types=None, calibration="minmax", measure=False))
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
 
 
 def test_calibration_feeds_prefill_then_decode_with_the_real_cache(exports):
-    model = load_float_model(exports / "fused")
-    lm = OnnxLM(model.path, model.config)
+    model = float_export(exports / "fused")
+    lm = OnnxLM(model.graph_path, model.config)
     window = np.arange(3, 3 + PREFILL + DECODE)
     feeds = list(iter(KVCacheCalibration(lm, [window]).get_next, None))
     assert len(feeds) == 1 + DECODE

@@ -17,7 +17,8 @@ from spj_edge.checkpoint import load_checkpoint, save_checkpoint
 from spj_edge.errors import SPJError
 from spj_edge.export import export
 from spj_edge.generate import generate
-from spj_edge.model import Transformer, load_preset
+from spj_edge.config import load_preset
+from spj_edge.model import Transformer
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.sampling import SamplingParams

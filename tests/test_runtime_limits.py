@@ -21,7 +21,7 @@ from conftest import REPO, SHAKESPEARE, assert_one_line_error
 from spj_edge.data import TEXT_MAX_BYTES, read_text
 from spj_edge.errors import SPJError
 from spj_edge.export import export
-from spj_edge.model import SPJConfig
+from spj_edge.config import SPJConfig
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.runtime.generator import PROMPT_MAX_BYTES, cores, text_pieces

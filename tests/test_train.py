@@ -14,7 +14,8 @@ from conftest import REPO, SHAKESPEARE, UD, run_cli
 from grad_probe import SUMMATION_ORDER_BOUND, first_step_gradients, relative_difference
 from spj_edge.checkpoint import load_model
 from spj_edge.data import build_dataset, tokenize_corpus
-from spj_edge.model import load_preset, Transformer
+from spj_edge.config import load_preset
+from spj_edge.model import Transformer
 from spj_edge.tokenizer import train_tokenizer
 from spj_edge.train import Processes, TrainOptions, fit, heldout_metrics
 from spj_edge.tokenizer import token_byte_lengths

@@ -61,7 +61,7 @@ class Generator:
         shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
         self.inputs = contract.inputs(*shape)
         self.outputs = contract.outputs(*shape, self.vocab_size)
-        self.tokenizer = _tokenizer(package)
+        self.tokenizer = package_tokenizer(package)
         check_matches_model(self.tokenizer, self.vocab_size, f"{package.source}: {TOKENIZER}")
         self.threads = default_threads() if threads is None else threads
         self.session = _session(package, self.threads)
@@ -314,7 +314,7 @@ def _is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
-def _tokenizer(package: Package) -> Tokenizer:
+def package_tokenizer(package: Package) -> Tokenizer:
     try:
         return specials_as_text(Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8")))
     except BaseException as e:  # the Rust side raises a bare Exception with a serde message, or panics
