@@ -22,7 +22,7 @@ from spj_edge.config import load_preset
 from spj_edge.data import read_texts
 from spj_edge.export import export
 from spj_edge.model import Transformer
-from spj_edge.options import QuantizeOptions
+from spj_edge.options import BenchOptions, QuantizeOptions
 from spj_edge.package import package
 from spj_edge.quantize import quantize
 from spj_edge.tokenizer import train_tokenizer
@@ -55,8 +55,8 @@ def main():
         for name, path in packages.items():
             package(tmp / name, path)
         figures = bench(list(packages.values()), [tmp / "ckpt"] if args.torch else [],
-                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repetitions=args.repetitions,
-                        threads=args.threads, chart=args.chart,
+                        options=BenchOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
+                                             repetitions=args.repetitions, threads=args.threads), chart=args.chart,
                         labels={**{str(path): name for name, path in packages.items()}, str(tmp / "ckpt"): "torch"})
     print(json.dumps({"preset": args.preset, **figures}, indent=2))
 

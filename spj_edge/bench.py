@@ -63,6 +63,7 @@ import numpy as np
 
 from .config import SPJConfig
 from .errors import SPJError
+from .options import BenchOptions
 
 SEED = 0
 WARMUP = (8, 4)  # prompt ids and new tokens of each worker's untimed first run: allocations, kernel selection
@@ -94,25 +95,17 @@ class Model:
     kv_bytes_per_position: int
 
 
-def bench(models: list[str | Path], torch_checkpoints: list[str | Path] = (), *, prompt_tokens: int = 32,
-          new_tokens: int = 128, repetitions: int = 5, threads: int | None = None,
-          json_out: str | Path | None = None, chart: str | Path | None = None, labels: dict[str, str] | None = None,
-          quality: dict[str, float] | None = None) -> dict:
+def bench(models: list[str | Path], torch_checkpoints: list[str | Path] = (), *,
+          options: BenchOptions = BenchOptions(), json_out: str | Path | None = None, chart: str | Path | None = None,
+          labels: dict[str, str] | None = None, quality: dict[str, float] | None = None) -> dict:
     """Time each model (see the module's docstring); print a table, write `json_out` and the PNG `chart` if given,
     and return the figures. `labels` maps a path as given to its row name; `quality` maps a row name to bits per
     byte (from `spj-edge eval`), shown as the points' colour."""
     from .outputs import write_json
     from .runtime.generator import default_threads
 
-    checks = ((repetitions >= 1, f"repetitions must be ≥ 1, got {repetitions}"),
-              (prompt_tokens >= 1, f"prompt_tokens must be ≥ 1, got {prompt_tokens}"),
-              (new_tokens >= 2, f"new_tokens must be ≥ 2 (decode speed is timed between new tokens), "
-                                f"got {new_tokens}"),
-              (threads is None or threads >= 1, f"threads must be ≥ 1, got {threads}"))
-    for ok, message in checks:
-        if not ok:
-            raise SPJError(message)
-    threads = default_threads() if threads is None else threads
+    prompt_tokens, new_tokens, repetitions = options.prompt_tokens, options.new_tokens, options.repetitions
+    threads = default_threads() if options.threads is None else options.threads
     labels = {str(path): name for path, name in (labels or {}).items()}
     given = [(p, False) for p in models] + [(p, True) for p in torch_checkpoints]
     if not given:

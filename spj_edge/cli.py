@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .errors import ArgumentParser, run_command
-from .options import CALIB_HELD_OUT, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions, add_flags, from_flags
+from .options import CALIB_HELD_OUT, BenchOptions, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions, add_flags, from_flags
 
 
 def cmd_tokenizer(args):
@@ -74,8 +74,8 @@ def cmd_eval(args):
 def cmd_bench(args):
     from .bench import bench
 
-    bench(args.model, torch_checkpoints=args.torch, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-          repetitions=args.repetitions, threads=args.threads, json_out=args.json, chart=args.chart)
+    bench(args.model, torch_checkpoints=args.torch, options=from_flags(BenchOptions, args), json_out=args.json,
+          chart=args.chart)
 
 
 def cmd_demo(args):
@@ -200,11 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX export directories or packages (repeatable)")
     p.add_argument("--torch", nargs="+", action="extend", default=[], metavar="CKPT",
                    help="checkpoints to time in PyTorch as well")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="random prompt ids, fresh each repetition "
-                                                                 "(default %(default)s)")
-    p.add_argument("--new-tokens", type=int, default=128, help="greedy new tokens, EOS ignored (default %(default)s)")
-    p.add_argument("--repetitions", type=int, default=5, help="interleaved across the models (default %(default)s)")
-    p.add_argument("--threads", type=int, help="onnxruntime and torch threads (default: the runtime's choice)")
+    add_flags(p, BenchOptions)
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.add_argument("--chart", metavar="PNG", help="also draw speed against size (and quality, with eval figures)")
     p.set_defaults(run=cmd_bench)

@@ -20,7 +20,7 @@ from .config import load_preset
 from .distill import distill
 from .errors import SPJError
 from .export import export
-from .options import EvalOptions, PruneOptions, QuantizeOptions, TrainOptions
+from .options import BenchOptions, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions
 from .outputs import claim_output_dir, write_json, write_text
 from .package import package
 from .prune import prune
@@ -166,7 +166,8 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
     speed = timed("bench", lambda: bench(
         [s.path for s in stages if s.name in ("onnx-fp32", "int8", "package")],
         [s.path for s in stages if s.name not in ("onnx-fp32", "int8", "package")],
-        new_tokens=plan.bench_new_tokens, repetitions=plan.bench_repetitions, json_out=out / "bench.json",
+        options=BenchOptions(new_tokens=plan.bench_new_tokens, repetitions=plan.bench_repetitions),
+        json_out=out / "bench.json",
         chart=out / "bench.png", labels={str(s.path): s.name for s in stages}, quality=quality))
 
     device = Generator.load(out / "dist" / "model.spj")

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer
 from .checkpoint import checkpoint_sha256, load_checkpoint, load_model
 from .data import read_texts
 from .errors import SPJError
+from .metrics import top1_agreement
 from .config import load_preset
 from .model import Transformer
 from .artifact import read_json
@@ -61,17 +62,20 @@ def agreement_with_teacher(student: Transformer, teacher: Transformer, windows: 
     was_training = student.training
     student.eval()
     device = next(student.parameters()).device
-    kl, agree, tokens = 0.0, 0, 0
+    kl, tokens, top1, teacher_top1 = 0.0, 0, [], []
     for start in range(0, len(windows), batch_size):
         inputs = torch.from_numpy(windows[start:start + batch_size, :-1]).to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             student_logits, _ = student(inputs)
             teacher_logits, _ = teacher(inputs)
         kl += kd_loss(student_logits, teacher_logits, 1.0).item() * inputs.numel()
-        agree += (student_logits.argmax(-1) == teacher_logits.argmax(-1)).sum().item()
+        top1.append(student_logits.argmax(-1).flatten().cpu().numpy())
+        teacher_top1.append(teacher_logits.argmax(-1).flatten().cpu().numpy())
         tokens += inputs.numel()
     student.train(was_training)
-    return {"kl_to_teacher": kl / tokens, "top1_agreement": agree / tokens, "tokens": tokens}
+    return {"kl_to_teacher": kl / tokens, "top1_agreement": top1_agreement(np.concatenate(top1),
+                                                                             np.concatenate(teacher_top1)),
+            "tokens": tokens}
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:

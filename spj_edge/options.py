@@ -183,3 +183,21 @@ class PruneOptions:
             raise SPJError(f"--method must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}")
         if self.multiple < 1:
             raise SPJError(f"--multiple must be a positive integer, got {self.multiple}")
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    prompt_tokens: int = flag(32, "random prompt ids, fresh each repetition (default %(default)s)")
+    new_tokens: int = flag(128, "greedy new tokens, EOS ignored (default %(default)s)")
+    repetitions: int = flag(5, "interleaved across the models (default %(default)s)")
+    threads: int | None = flag(None, "onnxruntime and torch threads (default: the runtime's choice)", type=int)
+
+    def __post_init__(self):
+        checks = ((self.repetitions >= 1, f"repetitions must be ≥ 1, got {self.repetitions}"),
+                  (self.prompt_tokens >= 1, f"prompt_tokens must be ≥ 1, got {self.prompt_tokens}"),
+                  (self.new_tokens >= 2, f"new_tokens must be ≥ 2 (decode speed is timed between new tokens), "
+                                         f"got {self.new_tokens}"),
+                  (self.threads is None or self.threads >= 1, f"threads must be ≥ 1, got {self.threads}"))
+        for ok, message in checks:
+            if not ok:
+                raise SPJError(message)

@@ -18,6 +18,7 @@ from spj_edge.artifact import open_checkpoint
 from spj_edge.checkpoint import read_state_dict
 from spj_edge.errors import SPJError
 from spj_edge.export import export
+from spj_edge.options import BenchOptions
 from spj_edge.package import package
 
 PROMPT, NEW = 8, 16
@@ -40,9 +41,9 @@ def models(nano_checkpoint, tmp_path_factory):
 def result(models):
     out = models["dir"]
     labels = {str(models["onnx"]): "fp32 export", str(models["package"]): "fp32 package"}
-    figures = bench([models["onnx"], models["package"]], [models["torch"]], prompt_tokens=PROMPT, new_tokens=NEW,
-                    repetitions=REPETITIONS, json_out=out / "bench.json", chart=out / "bench.png", labels=labels,
-                    quality={"fp32 export": 2.5})
+    figures = bench([models["onnx"], models["package"]], [models["torch"]],
+                    options=BenchOptions(prompt_tokens=PROMPT, new_tokens=NEW, repetitions=REPETITIONS),
+                    json_out=out / "bench.json", chart=out / "bench.png", labels=labels, quality={"fp32 export": 2.5})
     return figures, out
 
 
@@ -247,14 +248,15 @@ def test_refusals_before_any_worker(models, tmp_path):
         (dict(models=[models["torch"]]), "give it with --torch"),
         (dict(models=[], torch_checkpoints=[models["onnx"]]), "not a PyTorch checkpoint"),
         (dict(models=[corrupt]), "not a valid ONNX model"),
-        (dict(models=[models["onnx"]], repetitions=0), "repetitions must be ≥ 1"),
-        (dict(models=[models["onnx"]], new_tokens=0), "new_tokens must be ≥ 2"),
-        (dict(models=[models["onnx"]], prompt_tokens=120, new_tokens=9), "context of 128 tokens"),
+        (dict(models=[models["onnx"]], options=dict(repetitions=0)), "repetitions must be ≥ 1"),
+        (dict(models=[models["onnx"]], options=dict(new_tokens=0)), "new_tokens must be ≥ 2"),
+        (dict(models=[models["onnx"]], options=dict(prompt_tokens=120, new_tokens=9)), "context of 128 tokens"),
         (dict(models=[models["onnx"]], quality={"other": 1.0}), "not benchmarked"),
     ]
     for kwargs, fragment in cases:
         with pytest.raises(SPJError, match=fragment):
-            bench(**kwargs)
+            options = BenchOptions(**kwargs.pop("options", {}))
+            bench(**kwargs, options=options)
 
 
 def test_a_failing_worker_names_its_model(models, tmp_path):
@@ -262,7 +264,7 @@ def test_a_failing_worker_names_its_model(models, tmp_path):
     shutil.copytree(models["torch"], broken, ignore=shutil.ignore_patterns("train_state"))
     (broken / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(SPJError, match=f"^{broken}: .*safetensors"):
-        bench([], [broken], prompt_tokens=4, new_tokens=4, repetitions=1)
+        bench([], [broken], options=BenchOptions(prompt_tokens=4, new_tokens=4, repetitions=1))
 
 
 def test_cli_one_line_errors(models, tmp_path):
