@@ -208,9 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
     p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")
     p.add_argument("--out", help="default: runs/demo, or runs/demo-quick with --quick")
-    p.add_argument("--quick", action="store_true", help="tiny models, the same path: about QUICK_TIME on 2 cores")
-    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds a run of the other mode "
-                                                            "or files that are no demo's")
+    p.add_argument("--quick", action="store_true", help="tiny models, the same path: about 1 min on 2 cores")
+    p.add_argument("--overwrite", action="store_true", help="fill --out even if it holds a finished run of the other "
+                                                            "mode (never a folder spj-edge did not write)")
     p.set_defaults(run=cmd_demo)
     return parser
 

@@ -262,8 +262,7 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         f"{bench_settings['repetitions']} repetitions, {machine['threads']} thread(s); memory bandwidth "
         f"{machine['bandwidth_gb_s']:.1f} GB/s (median; {machine['bandwidth_min_max'][0]:.1f}–"
         f"{machine['bandwidth_min_max'][1]:.1f} over the rounds). Details: `bench.json`.",
-        *sorted({f"No roofline share: {row['roofline_warning']}" for row in report["bench"]["models"].values()
-                 if row.get("roofline_warning")}),
+        *roofline_warnings(report["bench"]["models"]),
         "## Quantization",
         f"Static int8 against the float32 export, on held-out text: top-1 agreement {gate['top1_agreement']:.1%}, "
         f"bits per byte {gate['bits_per_byte_float']:.4f} → {gate['bits_per_byte']:.4f} "
@@ -292,3 +291,9 @@ def reproduce(report: dict, out: Path) -> str:
         f"spj-edge eval --model {out}/dist/model.spj --baseline {out}/onnx-fp32 --data {heldout}",
         f"spj-edge bench --model {out}/onnx-fp32 {out}/int8 {out}/dist/model.spj --chart {out}/bench.png",
     ])
+
+
+def roofline_warnings(models: dict) -> list[str]:
+    """Why a roofline cell is "-": one bullet a reason, under one heading line (none when every share is shown)."""
+    reasons = sorted({row["roofline_warning"] for row in models.values() if row.get("roofline_warning")})
+    return ["Where the roofline column shows *-*:\n\n" + "\n".join(f"- {reason}" for reason in reasons)] if reasons else []
