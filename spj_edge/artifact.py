@@ -91,9 +91,15 @@ class CheckpointArtifact:
         if (directory / WEIGHTS).is_dir():
             raise SPJError(f"{directory / WEIGHTS}: is a directory, expected a safetensors file")
         if (directory / WEIGHTS_INDEX).is_file():
-            shards = sorted(set(read_json(directory / WEIGHTS_INDEX).get("weight_map", {}).values()))
+            weight_map = read_json(directory / WEIGHTS_INDEX).get("weight_map")
+            shards = sorted(set(map(str, weight_map.values()))) if isinstance(weight_map, dict) else []
             if not shards:
-                raise SPJError(f"{directory / WEIGHTS_INDEX}: empty weight_map")
+                raise SPJError(f"{directory / WEIGHTS_INDEX}: empty or missing weight_map")
+            # The index names files beside it; a path (`../x`, `/etc/x`) would read outside the checkpoint.
+            for shard in shards:
+                if Path(shard).name != shard or shard in ("", ".", ".."):
+                    raise SPJError(f"{directory / WEIGHTS_INDEX}: shard {shard!r} is not a file name in the "
+                                   "checkpoint")
             return [directory / s for s in shards]
         pickles = sorted(p.name for pattern in PICKLES for p in directory.glob(pattern))
         hint = f" ({', '.join(pickles)}: pickles, which are never loaded: they can run any code)" if pickles else ""

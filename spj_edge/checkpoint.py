@@ -63,7 +63,8 @@ def model_of(checkpoint: CheckpointArtifact) -> Transformer:
     """The network with the checkpoint's weights, each checked against the shape its config implies."""
     directory, config = checkpoint.path, checkpoint.config
     tensors = read_state_dict(checkpoint.weight_files)
-    model = Transformer(config)
+    with torch.device("meta"):  # neither memory nor a random init for parameters that the file's tensors replace
+        model = Transformer(config)
     expected = {hf_name(k): v for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:  # some exporters store the tied head twice
         tensors.pop("lm_head.weight", None)
@@ -77,8 +78,8 @@ def model_of(checkpoint: CheckpointArtifact) -> Transformer:
         if tensor.shape != param.shape:
             raise SPJError(f"{directory}: {hf_name(name)} has shape {list(tensor.shape)}, config.json implies "
                            f"{list(param.shape)}")
-        state[name] = tensor.float()
-    model.load_state_dict(state)
+        state[name] = tensor.float().contiguous()
+    model.load_state_dict(state, assign=True)
     return model.eval()
 
 

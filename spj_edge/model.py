@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import SPJConfig
+from .config import RopeScaling, SPJConfig
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -41,6 +41,31 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope_frequencies(cfg: SPJConfig) -> torch.Tensor:
+    """The rotary inverse frequencies, [head_dim / 2], computed as transformers does (float32, same operations), so
+    that the cos/sin tables are bit for bit theirs; rope scaling changes these and nothing else."""
+    arange = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu")  # even where the model is on "meta"
+    inv_freq = 1.0 / cfg.rope_theta ** (arange.float() / cfg.head_dim)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    return _llama3_frequencies(inv_freq, scaling)
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's rule: wavelengths shorter than original context / high_freq_factor are kept, longer than original
+    context / low_freq_factor divided by `factor`, and those between interpolated smoothly."""
+    context = s.original_max_position_embeddings
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > context / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (context / wavelength - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    between = ~(wavelength < context / s.high_freq_factor) & ~(wavelength > context / s.low_freq_factor)
+    return torch.where(between, smoothed, scaled)
+
+
 def attend(q, k, v, mask):
     """Scaled dot-product attention; k and v may have fewer heads than q (GQA)."""
     if torch.onnx.is_in_onnx_export():
@@ -57,15 +82,23 @@ class Attention(nn.Module):
     def __init__(self, cfg: SPJConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        bias = cfg.attention_bias  # as in LlamaAttention: all four projections, or none
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+
+    def qkv_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """q, k and v packed into one projection, as the forward pass and the fused graph compute them."""
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        if self.q_proj.bias is None:
+            return weight, None
+        return weight, torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
 
     def forward(self, x, cos, sin, mask, past: tuple[torch.Tensor, torch.Tensor] | None):
         batch, seq, _ = x.shape
         # One GEMM for q, k and v: on a CPU three small ones cost noticeably more.
-        qkv = F.linear(x, torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)))
+        qkv = F.linear(x, *self.qkv_weight_and_bias())
         q, k, v = qkv.split((self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
                              self.n_kv_heads * self.head_dim), dim=-1)
         q = q.view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
@@ -121,11 +154,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # The rotary table for every position up to the context, looked up by position_ids (a Gather in ONNX).
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim)
-        angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float32), inv_freq)
+        # Computed on the CPU even under torch.device("meta"), where a checkpoint is loaded: they are not in its file.
+        positions = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device="cpu")
+        angles = torch.outer(positions, rope_frequencies(cfg))
         angles = torch.cat((angles, angles), dim=-1)
         self.register_buffer("rope_cos", angles.cos(), persistent=False)
         self.register_buffer("rope_sin", angles.sin(), persistent=False)
+        if self.embed_tokens.weight.is_meta:
+            return  # built to load a checkpoint into (checkpoint.model_of): its weights replace these anyway
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that write into the residual stream
         for name, p in self.named_parameters():
@@ -135,6 +171,8 @@ class Transformer(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.config.initializer_range)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

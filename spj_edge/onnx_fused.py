@@ -6,7 +6,8 @@ each layer being
     SkipSimplifiedLayerNormalization → qkv_proj MatMul → Split → RotaryEmbedding (q, k) → GroupQueryAttention → o_proj
     MatMul → SkipSimplifiedLayerNormalization → gate_up_proj MatMul → Split → QuickGelu (SiLU) → Mul → down_proj MatMul
 
-Inputs and outputs are exactly contract.py's, so the runtime feeds this graph as it feeds the plain export. Every
+A checkpoint with attention_bias adds an Add after the qkv_proj and o_proj MatMuls (15 nodes a layer), its q, k and
+v biases packed like their weights. Inputs and outputs are exactly contract.py's, so the runtime feeds this graph as it feeds the plain export. Every
 projection, the LM head included, is a plain ai.onnx MatMul on its own constant [in, out] initializer, which is what
 the static quantizer looks for; the embedding stays a Gather on the untransposed table.
 
@@ -180,8 +181,8 @@ def _self_attention(b: _GraphBuilder, i: int, attn: Attention, x: str, attention
                     rotary: tuple[str, str]) -> str:
     scope, prefix = f"/layers.{i}/self_attn", f"layers.{i}.self_attn"
     q_size, kv_size = attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim
-    qkv_weight = torch.cat((attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)).T
-    qkv = b.op1(f"{scope}/qkv_proj", "MatMul", [x, b.weight(f"{prefix}.qkv_proj.weight", qkv_weight)])
+    qkv_weight, qkv_bias = attn.qkv_weight_and_bias()
+    qkv = _projection(b, f"{scope}/qkv_proj", f"{prefix}.qkv_proj", x, qkv_weight, qkv_bias)
     q, k, v = b.op(scope, "Split", [qkv, b.const(f"const.split.qkv.{q_size}.{kv_size}",
                                                  np.array([q_size, kv_size, kv_size], np.int64))], n_out=3, axis=-1)
     # Hugging Face's rotate_half convention: the first and second halves of each head pair up (interleaved=0).
@@ -195,7 +196,15 @@ def _self_attention(b: _GraphBuilder, i: int, attn: Attention, x: str, attention
                         outputs=[f"{scope}/GroupQueryAttention_output_0", contract.present_name(i, "key"),
                                  contract.present_name(i, "value")],
                         num_heads=attn.n_heads, kv_num_heads=attn.n_kv_heads)
-    return b.op1(f"{scope}/o_proj", "MatMul", [y, b.weight(f"{prefix}.o_proj.weight", attn.o_proj.weight.T)])
+    return _projection(b, f"{scope}/o_proj", f"{prefix}.o_proj", y, attn.o_proj.weight, attn.o_proj.bias)
+
+
+def _projection(b: _GraphBuilder, scope: str, prefix: str, x: str, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> str:
+    """x · weightᵀ (+ bias): the MatMul alone on its constant weight, as the static quantizer wants it, and the bias
+    (attention_bias checkpoints) as an Add after it."""
+    y = b.op1(scope, "MatMul", [x, b.weight(f"{prefix}.weight", weight.T)])
+    return y if bias is None else b.op1(scope, "Add", [y, b.weight(f"{prefix}.bias", bias)])
 
 
 def _mlp(b: _GraphBuilder, i: int, mlp: MLP, x: str) -> str:
