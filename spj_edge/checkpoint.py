@@ -17,7 +17,7 @@ from .artifact import CONFIG, WEIGHTS, CheckpointArtifact, open_checkpoint
 from .errors import SPJError
 from .model import Transformer
 from .outputs import write_json
-from .tokenizer import save_tokenizer
+from .tokenizer import save_tokenizer_files
 
 
 
@@ -34,7 +34,7 @@ def save_checkpoint(directory: Path, model: Transformer, tokenizer: Tokenizer | 
     tensors = {hf_name(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": "pt"})
     if tokenizer is not None:
-        save_tokenizer(tokenizer, directory / "tokenizer.json")
+        save_tokenizer_files(tokenizer, directory)
     if report is not None:
         write_json(directory / "report.json", report)
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 from .errors import SPJError
 from .options import CALIB_HELD_OUT
-from .tokenizer import special_token_ids
+from .tokenizer import TextTokenizer
 
 
 def find_text_files(paths: list[str | Path]) -> list[Path]:
@@ -67,13 +67,12 @@ def split_documents(text: str) -> list[str]:
     return [m.group(0) for m in re.finditer(r".+?(?:\n\s*\n|$)", text, flags=re.S) if m.group(0)]
 
 
-def tokenize_corpus(texts: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """One stream: <bos> paragraph <eos> <bos> paragraph <eos> …, the way generation starts (a <bos>) and ends."""
-    ids = special_token_ids(tokenizer)
+def tokenize_corpus(texts: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:
+    """One stream of paragraphs, each framed as the tokenizer frames a prompt and ended by its EOS, the way generation
+    starts and ends: <bos> paragraph <eos> <bos> paragraph <eos> … for our presets."""
     docs = [d for t in texts for d in split_documents(t)]
-    encoded = tokenizer.encode_batch_fast(docs, add_special_tokens=False)
-    pieces = [np.array([ids["bos_token_id"], *e.ids, ids["eos_token_id"]], dtype=np.int64) for e in encoded]
-    return np.concatenate(pieces)
+    return np.concatenate([np.array(ids, dtype=np.int64)
+                           for ids in TextTokenizer.of(tokenizer).encode_documents(docs)])
 
 
 def calibration_split(paths: list, tokenizer: Tokenizer,

@@ -4,7 +4,9 @@ A model is a PyTorch checkpoint, an ONNX export directory or a package; each is 
 through spj_edge.runtime, token by token through its KV cache). On each held-out file:
 
 - bits per byte: the summed negative log-likelihood of every scored token, in bits, over the UTF-8 bytes those tokens
-  stand for. Unlike perplexity (also given, per token), it does not depend on the tokenizer.
+  stand for. Unlike perplexity (also given, per token), it does not depend on the tokenizer. Each paragraph is framed
+  as generation frames text (a <bos> in front where the tokenizer puts one, an EOS after); those special tokens stand
+  for no bytes and are not scored, as in the quantizer's gate (metrics.figures).
 - top-1 agreement with a baseline: the share of positions where both models rank the same next token first.
 - greedy continuations of held-out prompts (the first half of a line; the rest is the reference), scored with BLEU
   (sacrebleu; its "zh" tokenizer for Chinese), ROUGE-1/2/L (F1, with a Unicode-aware tokenizer: rouge-score's own keeps
@@ -55,10 +57,10 @@ class CheckpointScorer:
             return np.concatenate([self.model(torch.from_numpy(chunk))[0].float().numpy()
                                    for chunk in np.array_split(windows, max(1, len(windows) // 8))])
 
-    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos_ids: tuple[int, ...]) -> list[int]:
         from .generate import generate_ids
 
-        return list(generate_ids(self.model, prompt_ids, new_tokens, sampler, eos))
+        return list(generate_ids(self.model, prompt_ids, new_tokens, sampler, eos_ids))
 
 
 class ExportScorer:
@@ -78,8 +80,10 @@ class ExportScorer:
     def logits(self, windows: np.ndarray) -> np.ndarray:
         return np.stack([self.lm.window_logits(w) for w in windows])
 
-    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int) -> list[int]:
-        return self.lm.greedy(prompt_ids, new_tokens, sampler, eos)
+    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos_ids: tuple[int, ...]) -> list[int]:
+        # onnx_lm stops at one EOS id: run past them all and cut at the first (the ids before it are the same)
+        ids = self.lm.greedy(prompt_ids, new_tokens, sampler, None)
+        return ids[:next((n for n, i in enumerate(ids) if i in eos_ids), len(ids))]
 
 
 class PackageScorer:
@@ -94,7 +98,8 @@ class PackageScorer:
     def logits(self, windows: np.ndarray) -> np.ndarray:
         return self.generator.next_token_logits(windows)
 
-    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int) -> list[int]:
+    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos_ids: tuple[int, ...]) -> list[int]:
+        # the runtime stops at the package's EOS ids, which are the tokenizer's
         return list(self.generator.tokens(prompt_ids, max_new_tokens=new_tokens, temperature=0.0,
                                           repetition_penalty=1.0))
 
@@ -190,15 +195,13 @@ class FileResult:
 def continue_prompts(model, prompts: list[str], new_tokens: int) -> list[str]:
     """Greedy continuations, cut at the end of the line (the reference is the rest of one line)."""
     from .sampling import Sampler, SamplingParams
-    from .tokenizer import encode_prompt, special_token_ids
 
-    config = model.artifact.config
-    special = special_token_ids(model.tokenizer)
-    sampler = Sampler(SamplingParams(), vocab_limit=min(model.tokenizer.get_vocab_size(), config.vocab_size))
+    config, tokenizer = model.artifact.config, model.tokenizer
+    sampler = Sampler(SamplingParams(), vocab_limit=min(tokenizer.get_vocab_size(), config.vocab_size))
     texts = []
     for prompt in prompts:
-        ids = encode_prompt(model.tokenizer, prompt, config.max_position_embeddings, special["bos_token_id"])
-        text = model.tokenizer.decode(model.greedy(ids, new_tokens, sampler, special["eos_token_id"]))
+        ids = tokenizer.encode_prompt(prompt, config.max_position_embeddings)
+        text = tokenizer.decode(model.greedy(ids, new_tokens, sampler, tokenizer.eos_ids))
         texts.append(text.split("\n", 1)[0].strip())
     return texts
 
@@ -209,10 +212,8 @@ def run(model, texts: dict[Path, str], options: EvalOptions, label: str = "eval"
     from tqdm import tqdm
 
     from .data import spaced_windows, tokenize_corpus
-    from .tokenizer import token_byte_lengths
-
     config = model.artifact.config
-    byte_lengths = token_byte_lengths(model.tokenizer, config.vocab_size)
+    byte_lengths = model.tokenizer.byte_lengths(config.vocab_size)
     length = min(options.window_tokens, config.max_position_embeddings)
     results = {}
     for path, text in tqdm(texts.items(), desc=label, unit="file", leave=False):

@@ -1,7 +1,7 @@
 """Reference generation in PyTorch with the KV cache: what the exported and quantized models are checked against."""
 from __future__ import annotations
 
-from typing import Iterator, TextIO
+from typing import Collection, Iterator, TextIO
 
 import torch
 from tokenizers import Tokenizer
@@ -9,33 +9,37 @@ from tokenizers import Tokenizer
 from .errors import SPJError
 from .model import Transformer
 from .sampling import Sampler, SamplingParams
-from .tokenizer import encode_prompt, special_token_ids
+from .tokenizer import TextTokenizer
 
 
 @torch.no_grad()
 def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                 eos_id: int | None) -> Iterator[int]:
-    """Yield new token ids until max_new_tokens, the end of the context, or `eos_id` (not yielded)."""
+                 eos_id: int | Collection[int] | None) -> Iterator[int]:
+    """Yield new token ids until max_new_tokens, the end of the context, or an id of `eos_id` (one id, several, or
+    None for none; not yielded)."""
+    stop = set() if eos_id is None else {eos_id} if isinstance(eos_id, int) else set(eos_id)
     model.eval()
     budget = min(max_new_tokens, model.config.max_position_embeddings - len(prompt_ids))
     history = list(prompt_ids)
     logits, past = model(torch.tensor([prompt_ids]))
     for _ in range(budget):
         next_id = sampler(logits[0, -1].float().numpy(), history)
-        if next_id == eos_id:
+        if next_id in stop:
             return
         yield next_id
         history.append(next_id)
         logits, past = model(torch.tensor([[next_id]]), past_key_values=past)
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 64,
+def generate(model: Transformer, tokenizer: Tokenizer | TextTokenizer, prompt: str, max_new_tokens: int = 64,
              params: SamplingParams = SamplingParams(), ignore_eos: bool = False) -> Iterator[int]:
-    """The new ids for a prompt (prefixed with <bos>, as in training). Bad input fails here, before any work."""
+    """The new ids for a prompt, framed as the tokenizer frames it (<bos> in front for our presets, as in training),
+    until any of its EOS ids. Bad input fails here, before any work."""
     if max_new_tokens < 0:
         raise SPJError(f"max_new_tokens must be ≥ 0, got {max_new_tokens}")
-    prompt_ids = encode_prompt(tokenizer, prompt, model.config.max_position_embeddings, model.config.bos_token_id)
-    eos = None if ignore_eos else special_token_ids(tokenizer)["eos_token_id"]
+    tokenizer = TextTokenizer.of(tokenizer)
+    prompt_ids = tokenizer.encode_prompt(prompt, model.config.max_position_embeddings)
+    eos = None if ignore_eos else tokenizer.eos_ids
     sampler = Sampler(params, vocab_limit=min(tokenizer.get_vocab_size(), model.config.vocab_size))
     return generate_ids(model, prompt_ids, max_new_tokens, sampler, eos)
 

@@ -14,7 +14,8 @@ SCORED_WINDOW = 128
 
 def bits_per_byte(nll: float, n_bytes: int) -> float:
     """The summed negative log-likelihood (nats) of the scored tokens, in bits, over the UTF-8 bytes they stand for.
-    Unlike perplexity, it does not depend on the tokenizer."""
+    Unlike perplexity, it does not depend on the tokenizer, as long as the scored tokens are those that stand for text:
+    a special token (<bos>, <eos>, <|im_end|>) stands for no bytes, so the cost of predicting it is not scored."""
     return nll / math.log(2) / n_bytes
 
 
@@ -31,10 +32,10 @@ def top1_agreement(top1: np.ndarray, baseline_top1: np.ndarray) -> float:
 @dataclass
 class Figures:
     """What one model gives on a set of scored windows."""
-    nll: float  # nats, summed over the scored tokens
+    nll: float  # nats, summed over the scored tokens: those that stand for text
     tokens: int
     bytes: int
-    top1: np.ndarray  # the argmax id at every scored position
+    top1: np.ndarray  # the argmax id at every position, special tokens' too: where generation stops counts
 
     @property
     def bits_per_byte(self) -> float:
@@ -53,14 +54,16 @@ class Figures:
 
 def figures(scored: Iterable[tuple[np.ndarray, np.ndarray]], byte_lengths: np.ndarray) -> Figures:
     """From (window [length], logits [length, vocab]) pairs, where the logits at t predict window[t + 1];
-    `byte_lengths[id]`: the UTF-8 bytes a token stands for (tokenizer.token_byte_lengths)."""
+    `byte_lengths[id]`: the UTF-8 bytes a token stands for (TextTokenizer.byte_lengths). Only targets that stand for
+    bytes are scored."""
     nll, tokens, n_bytes, top1 = 0.0, 0, 0, []
     for window, logits in scored:
         logits, targets = logits[:-1].astype(np.float64), window[1:]
-        shifted = logits - logits.max(-1, keepdims=True)
+        text = byte_lengths[targets] > 0
+        shifted = logits[text] - logits[text].max(-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        nll -= log_probs[np.arange(len(targets)), targets].sum()
-        tokens += len(targets)
+        nll -= log_probs[np.arange(len(log_probs)), targets[text]].sum()
+        tokens += int(text.sum())
         n_bytes += int(byte_lengths[targets].sum())
         top1.append(logits.argmax(-1))
     return Figures(nll, tokens, n_bytes, np.concatenate(top1) if top1 else np.zeros(0, np.int64))

@@ -2,8 +2,12 @@
 
     dist/NAME.spj/  model.onnx  tokenizer.json  spj.json        (--tar: dist/NAME.spj.tar.gz holding that folder)
 
+and, where the model came with them, Hugging Face's tokenizer_config.json, chat_template.jinja and
+generation_config.json, for other tools (the runtime reads what it needs of them from the manifest).
+
 spj.json, the manifest, carries what the runtime needs without onnx: the model config, the graph's I/O names, opset,
-quantization mode and accuracy figures, special token ids, generation defaults and the sha256 and size of each file.
+quantization mode and accuracy figures, the special token ids (every EOS id, whether the tokenizer puts <bos> in
+front), the chat template, the model's generation defaults and the sha256 and size of each file.
 
 The graph gets one change: a Gather of the last position in front of the LM head, so that a prompt's forward step
 computes one row of logits rather than one per prompt token (in a small model the LM head is the largest MatMul). The
@@ -29,10 +33,8 @@ from .artifact import open_export
 from .errors import SPJError
 from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json
 from .runtime import Generator, Package
-from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, sha256
-from .sampling import GENERATION_DEFAULTS
+from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, sha256
 from .tables import print_summary
-from .tokenizer import special_token_ids
 
 # The LM head as a float, QDQ, dynamic int8 or int4 graph writes it: its MatMul, what rescales an integer result, and
 # what quantizes its input. All work position by position, so the last row's logits are unchanged; only a dynamic
@@ -57,7 +59,7 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
     tokenizer = export.tokenizer
 
     sliced = last_position_logits(proto, config)
-    files = {MODEL: proto.SerializeToString(), TOKENIZER: (model_dir / TOKENIZER).read_bytes()}
+    files = {MODEL: proto.SerializeToString(), **tokenizer.files_to_save()}
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": config,
@@ -67,8 +69,10 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
         "io": {"inputs": [i.name for i in proto.graph.input], "outputs": [o.name for o in proto.graph.output]},
         "quantization": {"mode": meta["spj.quantization"], "target": meta.get("spj.quantization_target"),
                          "accuracy": export.report.get("gate", {})},  # the quantize stage's gate figures
-        "special_tokens": special_token_ids(tokenizer),
-        "generation": dict(GENERATION_DEFAULTS),
+        "special_tokens": {**tokenizer.config_ids(), "eos_token_ids": list(tokenizer.eos_ids),
+                           "add_bos_token": tokenizer.special.adds_bos},
+        "chat_template": tokenizer.chat_template,
+        "generation": tokenizer.generation,  # generation_config.json's, over sampling.GENERATION_DEFAULTS
         "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
         "source": {"path": str(model_dir), "stage": export.report.get("stage"),
                    "checkpoint_sha256": meta.get("spj.source_sha256")},

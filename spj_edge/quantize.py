@@ -42,7 +42,7 @@ from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, CALIBRATIONS, Quan
 from .onnx_lm import OnnxLM, measure_speed
 from .outputs import check_output, scratch_dir, staged_dir, write_json
 from .tables import print_summary
-from .tokenizer import save_tokenizer, token_byte_lengths
+from .tokenizer import save_tokenizer_files, token_byte_lengths
 
 PROFILE_DIRS = (Path(__file__).parent / "exporters", Path(__file__).parent.parent / "exporters")
 CALIBRATION_METHODS = {m.name.lower(): m for m in CalibrationMethod if m.name.lower() in CALIBRATIONS}
@@ -381,7 +381,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
                               time.perf_counter() - started)
         with staged_dir(out) as staged:
             (staged / "model.onnx").write_bytes(candidate.read_bytes())
-            save_tokenizer(float_model.tokenizer, staged / "tokenizer.json")
+            save_tokenizer_files(float_model.tokenizer, staged)
             write_json(staged / "config.json", float_model.config.to_hf_dict())
             write_json(staged / "report.json", report)
     if outcome.failures:

@@ -9,8 +9,9 @@ import numpy as np
 from .errors import SPJError
 
 
-# `spj-edge generate`'s defaults, and those a package's manifest gives the device: it samples as the reference does
-# unless told otherwise. (SamplingParams' own defaults are greedy: what eval and the checks use.)
+# `spj-edge generate`'s defaults, and those a package's manifest gives the device where the model's
+# generation_config.json gives none: it samples as the reference does unless told otherwise. (SamplingParams' own
+# defaults are greedy: what eval and the checks use.)
 GENERATION_DEFAULTS = {"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 0.95, "repetition_penalty": 1.0}
 
 

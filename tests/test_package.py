@@ -49,7 +49,9 @@ def test_files_and_manifest(exported, graph_kind, packaged):
                               "outputs": [s.name for s in contract.outputs(*shape, config["vocab_size"])]}
     assert manifest["opset"] == 17 and manifest["graph"] == graph_kind
     assert manifest["quantization"] == {"mode": "none", "target": None, "accuracy": {}}
-    assert manifest["special_tokens"] == special_token_ids(load_tokenizer(out / "tokenizer.json"))
+    assert manifest["special_tokens"] == {**special_token_ids(load_tokenizer(out / "tokenizer.json")),
+                                          "eos_token_ids": [2], "add_bos_token": True}
+    assert manifest["chat_template"] is None  # our presets' tokenizers have none
     assert manifest["generation"] == {"max_new_tokens": 128, "temperature": 0.8, "top_k": 0, "top_p": 0.95,
                                       "repetition_penalty": 1.0}
     for name, entry in manifest["files"].items():

@@ -1,4 +1,5 @@
 """spj_edge.runtime: the same tokens as PyTorch, without torch; verified packages only; clear refusals; threads."""
+import hashlib
 import io
 import json
 import os
@@ -179,6 +180,27 @@ def test_stdin_replies_are_framed_even_when_the_model_writes_newlines(pkg, gener
             == final["text"]
 
 
+def test_a_package_from_before_the_tokenizer_facts_runs_as_it_did(pkg, generator, tmp_path):
+    """A manifest without eos_token_ids, add_bos_token and chat_template, and a tokenizer.json without the
+    post-processor that now puts our <|bos|> in front: the prompt still gets its <bos>, and the text is the same."""
+    old = tmp_path / "old.spj"
+    shutil.copytree(pkg, old)
+    manifest = json.loads((old / "spj.json").read_text())
+    special = manifest["special_tokens"]
+    del manifest["chat_template"], special["eos_token_ids"], special["add_bos_token"]
+    spec = json.loads((old / "tokenizer.json").read_text())
+    assert spec["post_processor"]["type"] == "TemplateProcessing"
+    data = json.dumps({**spec, "post_processor": None}).encode()
+    (old / "tokenizer.json").write_bytes(data)
+    manifest["files"]["tokenizer.json"] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    (old / "spj.json").write_text(json.dumps(manifest))
+    loaded = Generator.load(old)
+    assert loaded.encode(PROMPTS[1]) == generator.encode(PROMPTS[1]) and loaded.encode(PROMPTS[1])[0] == 1
+    assert loaded.eos_ids == generator.eos_ids == (2,)
+    options = dict(max_new_tokens=24, temperature=0)
+    assert loaded.generate(PROMPTS[1], **options) == generator.generate(PROMPTS[1], **options)
+
+
 @pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
 def test_a_changed_file_is_refused_naming_it(pkg, tmp_path, name):
     changed = tmp_path / "nano.spj"
@@ -259,7 +281,7 @@ def test_bad_requests_fail_before_any_work(pkg, generator):
     with pytest.raises(SPJError, match="top_p must be in"):
         generator.generate_batch(["a", "b"], top_p=0)
     too_long = runtime_cli("--model", pkg, "--prompt", "word " * 200)
-    assert_one_line_error(too_long, "prompt is", "tokens with <bos>; the model's context is 128")
+    assert_one_line_error(too_long, "prompt is", "tokens; the model's context is 128")
     for flags, message in [(["--temperature", "-1"], "temperature must be ≥ 0, got -1.0"),
                            (["--top-p", "1.5"], "top_p must be in (0, 1], got 1.5"),
                            (["--top-k", "-3"], "top_k must be ≥ 0, got -3"),

@@ -7,7 +7,7 @@ import pytest
 from conftest import LANGUAGES, UD, run_cli
 from spj_edge.data import build_dataset, read_texts, split_documents, tokenize_corpus
 from spj_edge.errors import SPJError
-from spj_edge.tokenizer import SPECIAL_TOKENS, special_token_ids, token_byte_lengths, train_tokenizer
+from spj_edge.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, token_byte_lengths, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +28,28 @@ def test_round_trip_of_each_language_on_unseen_text(ud_tokenizer, lang):
 def test_odd_text_round_trips(ud_tokenizer):
     for text in ("", " leading space", "tabs\tand\r\nCRLF", "emoji 🦙🦙 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "literal <|eos|> marker",
                  "\u200bzero width", "مرحبا", "ＦＵＬＬ ｗｉｄｔｈ"):
-        assert ud_tokenizer.decode(ud_tokenizer.encode(text).ids, skip_special_tokens=False) == text
+        assert ud_tokenizer.decode(ud_tokenizer.encode(text, add_special_tokens=False).ids,
+                                   skip_special_tokens=False) == text
 
 
 def test_special_tokens_come_first(ud_tokenizer):
     assert [ud_tokenizer.id_to_token(i) for i in range(3)] == list(SPECIAL_TOKENS)
     assert special_token_ids(ud_tokenizer) == {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def test_our_bos_comes_from_the_tokenizer_and_old_tokenizer_files_keep_it(ud_tokenizer, tmp_path):
+    """Our presets' <|bos|> is put in front by tokenizer.json's own post-processor, so any reader of the file (the
+    runtime, transformers) frames a prompt as training did; a tokenizer.json saved before it had one gets it too."""
+    text = "literal <|eos|> marker"
+    assert ud_tokenizer.encode(text).ids == [1, *ud_tokenizer.encode(text, add_special_tokens=False).ids]
+    assert ud_tokenizer.encode_prompt(text, 100) == ud_tokenizer.encode(text).ids
+    assert 2 not in ud_tokenizer.encode_prompt(text, 100), "the text <|eos|> stays text"
+    spec = json.loads(ud_tokenizer.to_str())
+    assert spec["post_processor"]["type"] == "TemplateProcessing"
+    (tmp_path / "tokenizer.json").write_text(json.dumps({**spec, "post_processor": None}))
+    old = load_tokenizer(tmp_path / "tokenizer.json")
+    assert old.encode_prompt(text, 100) == ud_tokenizer.encode_prompt(text, 100)
+    assert (old.special.bos, old.eos_ids, old.special.pad, old.special.adds_bos) == (1, (2,), 0, True)
 
 
 def test_tokenizer_cli_reports_bytes_per_token(tmp_path):

@@ -50,8 +50,8 @@ def main() -> int:
         return 1
     print(generator.describe())
 
-    text_ids = generator.tokenizer.encode(TEXT, add_special_tokens=False).ids
-    prompt = [generator.bos_id, *text_ids][:min(PROMPT_TOKENS, generator.context // 4)]
+    # framed as the package's tokenizer frames a prompt (<bos> in front where it puts one), then cut to size
+    prompt = generator.tokenizer.encode(TEXT).ids[:min(PROMPT_TOKENS, generator.context // 4)]
     greedy = dict(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     text = generator.generate(prompt, **greedy)
     check(text == generator.generate(prompt, **greedy), "greedy generation repeats exactly")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # setup.sh [PREFIX]: the spj-edge runtime in PREFIX/venv (default /opt/spj-edge) on a Raspberry Pi with a 64-bit OS.
 #
-# Installs the three pinned wheels of requirements-pi.txt and spj-edge itself without extras: no torch, no onnx.
+# Installs the pinned wheels of requirements-pi.txt and spj-edge itself without extras: no torch, no onnx.
 # Needs python3-venv (sudo apt install python3-venv) and the network. Safe to run again: it updates in place.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)

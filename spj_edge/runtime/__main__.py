@@ -1,7 +1,8 @@
 """`python -m spj_edge.runtime --model PKG --prompt TEXT`: generate text with onnxruntime, numpy and tokenizers only.
 
-With --prompt, the continuation is printed as plain text. Without it, the runtime serves stdin and stdout (a pipe, a
-terminal or a socket, see runtimes/raspberry-pi/) with the protocol of PROTOCOL below.
+With --prompt, the continuation is printed as plain text. With --chat, stdin is a conversation (CHAT below). Otherwise
+the runtime serves stdin and stdout (a pipe, a terminal or a socket, see runtimes/raspberry-pi/) with the protocol of
+PROTOCOL below.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from ..errors import ArgumentParser, SPJError, run_command
 from .generator import PROMPT_MAX_BYTES, Generator, text_pieces
@@ -25,14 +26,26 @@ JSON object per line of stdout, so that a continuation holding newlines can't be
   {{"line": N, "error": "..."}}                    line N was not served (not UTF-8, too long, ...); the next one is
 Strings are JSON-escaped (ASCII only), so a record never spans two lines.
 """
+RESET = "/reset"
+CHAT = f"""\
+With --chat, each line of stdin is your next message in a conversation that the package's chat template frames; the
+reply streams to stdout and ends with a newline. `{RESET}` starts a new conversation. A line the model cannot answer
+(the conversation has outgrown the context, say) gets a one-line error on stderr, and the conversation goes on without
+it.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m spj_edge.runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Generate text from a spj-edge package with onnxruntime alone.", epilog=PROTOCOL)
+                       description="Generate text from a spj-edge package with onnxruntime alone.",
+                       epilog=PROTOCOL + "\n" + CHAT)
     p.add_argument("--model", required=True, metavar="PKG", help="a package directory or its .tar.gz")
     p.add_argument("--prompt", help="the prompt; its continuation is printed as plain text (default: serve stdin, "
                                     "one prompt per line, one JSON record per line out: see below)")
+    p.add_argument("--chat", action="store_true",
+                   help="talk with the model through its chat template: one message a line of stdin, replies "
+                        "streamed (see below)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: the system message that opens each conversation")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the package's")
     p.add_argument("--temperature", type=float, metavar="T", help="0: greedy (default: the package's)")
     p.add_argument("--top-k", type=int, metavar="K", help="0: no limit (default: the package's)")
@@ -48,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def continuation(generator: Generator, prompt: str, options: dict) -> tuple[Timing, Iterator[str]]:
+def continuation(generator: Generator, prompt: str | Sequence[int], options: dict) -> tuple[Timing, Iterator[str]]:
     ids = generator.encode(prompt)
     timing = Timing(len(ids))
     return timing, text_pieces(generator.tokenizer, timing.track(generator.tokens(ids, **options)))
@@ -85,6 +98,50 @@ def serve(generator: Generator, lines: BinaryIO, options: dict, stream: bool, ve
         _record(line=number, prompt=prompt, text="".join(text))
         if verbose:
             print(timing.summary(), file=sys.stderr)
+
+
+def chat(generator: Generator, lines: BinaryIO, options: dict, system: str | None, verbose: bool) -> None:
+    """--chat (CHAT): the conversation so far is the prompt of each reply."""
+    generator.tokenizer.require_chat_template()
+    opening = [{"role": "system", "content": system}] if system is not None else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"Chat with {generator.package.source}; {RESET} starts over, Ctrl-D ends.", file=sys.stderr)
+
+    def ask():
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+
+    history = opening
+    ask()
+    for line in _lines(lines):
+        history = _chat_turn(generator, line, history, opening, options, verbose)
+        ask()
+
+
+def _chat_turn(generator: Generator, line: bytes | None, history: list[dict], opening: list[dict], options: dict,
+               verbose: bool) -> list[dict]:
+    """Answer one line of --chat; the conversation after it."""
+    try:
+        message = _prompt(line).strip()
+        if message == RESET or not message:
+            return opening if message == RESET else history
+        conversation = [*history, {"role": "user", "content": message}]
+        with _native_stderr_silenced():
+            timing, pieces = continuation(generator, generator.encode_chat(conversation), options)
+            reply = []
+            for piece in pieces:
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+    except SPJError as e:
+        print(f"spj-edge: {e}", file=sys.stderr)
+        return history
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if verbose:
+        print(timing.summary(), file=sys.stderr)
+    return [*conversation, {"role": "assistant", "content": "".join(reply)}]
 
 
 def _lines(stream: BinaryIO) -> Iterator[bytes | None]:
@@ -137,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             print(generator.describe(), file=sys.stderr)
         options = {name: getattr(args, name) for name in OPTIONS}
-        if args.prompt is not None:
+        if args.chat:
+            chat(generator, sys.stdin.buffer, options, args.system, args.verbose)
+        elif args.prompt is not None:
             answer(generator, args.prompt, options, not args.no_stream, args.verbose)
         else:
             serve(generator, sys.stdin.buffer, options, not args.no_stream, args.verbose)

@@ -1,5 +1,8 @@
 """Generation with onnxruntime alone: the prompt in one step, then one token per step with the KV cache.
 
+A prompt is framed as the package's tokenizer frames it (its post-processor's <bos>, or none), a conversation as its
+chat template renders it (`chat`), and generation stops at any of the package's EOS ids.
+
 The cache never leaves onnxruntime: each step's `present.*` outputs are OrtValues that the IOBinding binds as the next
 step's `past_key_values.*` inputs, with no copy through numpy. The small inputs (ids, mask, positions) are numpy
 buffers bound in place, and a package whose graph computes the last position's logits only (`"logits": "last"` in
@@ -21,7 +24,7 @@ from tokenizers import Tokenizer, decoders
 from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler, SamplingParams
-from ..tokenizer import check_matches_model, check_prompt_fits, encode_prompt, specials_as_text
+from ..tokenizer import SpecialIds, TextTokenizer, check_matches_model, check_prompt_fits
 from .graph import check_graph
 from .reader import MODEL, TOKENIZER, Package, read_package
 
@@ -65,8 +68,8 @@ class Generator:
         check_matches_model(self.tokenizer, self.vocab_size, f"{package.source}: {TOKENIZER}")
         self.threads = default_threads() if threads is None else threads
         self.session = _session(package, self.threads)
-        special = manifest["special_tokens"]
-        self.bos_id, self.eos_id, self.pad_id = (special[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+        special = self.tokenizer.special
+        self.bos_id, self.eos_ids, self.pad_id = special.bos, special.eos, special.pad
         # The model's vocabulary may be padded past the tokenizer's: those ids decode to nothing, never pick them.
         self.vocab_limit = min(self.tokenizer.get_vocab_size(), self.vocab_size)
         self.defaults = manifest["generation"]
@@ -81,22 +84,37 @@ class Generator:
 
     # --- the API ----------------------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """The ids the model is given for a prompt: <bos> and the text's tokens, or the ids as they are."""
+        """The ids the model is given for a prompt: the text's tokens as the tokenizer frames them (<bos> in front,
+        for our presets), or the ids as they are."""
         if isinstance(prompt, str):
             size = len(prompt.encode("utf-8", "surrogatepass"))
             if size > PROMPT_MAX_BYTES:
                 raise SPJError(f"prompt is {size} bytes, more than the {PROMPT_MAX_BYTES} this runtime accepts (the "
                                f"model's context is {self.context} tokens)")
             with _panics_as_errors(f"{self.package.source}: {TOKENIZER}"):
-                return encode_prompt(self.tokenizer, prompt, self.context, self.bos_id)
+                return self.tokenizer.encode_prompt(prompt, self.context)
         ids = [int(i) for i in prompt]
         if not ids or not all(0 <= i < self.vocab_size for i in ids):
             raise SPJError(f"prompt ids must be a non-empty list of ids in [0, {self.vocab_size})")
         check_prompt_fits(len(ids), self.context)
         return ids
 
+    def encode_chat(self, messages: Sequence[dict]) -> list[int]:
+        """The ids of a conversation ([{"role": "user", "content": "..."}, ...]) as the package's chat template renders
+        it, ready for the assistant's reply. A special token's text in a message stays text."""
+        with _panics_as_errors(f"{self.package.source}: {TOKENIZER}"):
+            return self.tokenizer.encode_chat(messages, self.context)
+
+    def chat_stream(self, messages: Sequence[dict], **options) -> Iterator[str]:
+        """The assistant's reply to a conversation, as text pieces (see `stream`); it ends at an EOS id (SmolLM2's
+        <|im_end|>). Options as for `tokens`."""
+        return self.stream(self.encode_chat(messages), **options)
+
+    def chat(self, messages: Sequence[dict], **options) -> str:
+        return "".join(self.chat_stream(messages, **options))
+
     def tokens(self, prompt: str | Sequence[int], **options) -> Iterator[int]:
-        """The new token ids, as they are produced. `prompt` is text (<bos> is put in front, as in training) or ids.
+        """The new token ids, as they are produced. `prompt` is text (framed as `encode` frames it) or ids.
         Options: max_new_tokens, temperature (0: greedy), top_k, top_p, repetition_penalty, seed, ignore_eos; the
         package's generation defaults fill in the rest. A bad request fails here, before any work."""
         (row,), steps, params, eos = self._request([prompt], **options)
@@ -119,7 +137,7 @@ class Generator:
         done = [False] * len(rows)
         for step in self._decode(rows, steps, [Sampler(params, self.vocab_limit) for _ in rows]):
             for r, token in enumerate(step):
-                done[r] = done[r] or token == eos
+                done[r] = done[r] or token in eos
                 if not done[r]:
                     new_ids[r].append(token)
             if all(done):
@@ -163,11 +181,11 @@ class Generator:
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
         params = SamplingParams(**{k: self.defaults[k] if v is None else v for k, v in given.items()}, seed=seed)
         steps = min(max_new_tokens, self.context - max(map(len, rows)))
-        return rows, steps, params, None if ignore_eos else self.eos_id
+        return rows, steps, params, frozenset() if ignore_eos else frozenset(self.eos_ids)
 
-    def _tokens(self, row: list[int], steps: int, sampler: Sampler, eos: int | None) -> Iterator[int]:
+    def _tokens(self, row: list[int], steps: int, sampler: Sampler, eos: frozenset[int]) -> Iterator[int]:
         for (token,) in self._decode([row], steps, [sampler]):
-            if token == eos:
+            if token in eos:
                 return
             yield token
 
@@ -314,14 +332,24 @@ def _is_panic(e: BaseException) -> bool:
     return type(e).__name__ == "PanicException"
 
 
-def package_tokenizer(package: Package) -> Tokenizer:
+def package_tokenizer(package: Package) -> TextTokenizer:
+    """tokenizer.json with the special ids, chat template and generation defaults of the manifest (reader.py checked
+    them). A package made before the manifest had eos_token_ids holds one of our presets' tokenizers, whose
+    tokenizer.json says the rest."""
+    where = f"{package.source}: {TOKENIZER}"
     try:
-        return specials_as_text(Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8")))
+        backend = Tokenizer.from_str(package.files[TOKENIZER].decode("utf-8"))
     except BaseException as e:  # the Rust side raises a bare Exception with a serde message, or panics
         if not (isinstance(e, Exception) or _is_panic(e)):
             raise
         reason = str(e).splitlines()[0][:120]
-        raise SPJError(f"{package.source}: {TOKENIZER} is not a valid tokenizer ({reason})") from None
+        raise SPJError(f"{where} is not a valid tokenizer ({reason})") from None
+    manifest, special = package.manifest, package.manifest["special_tokens"]
+    if "eos_token_ids" not in special:
+        return TextTokenizer.of(backend, where)
+    ids = SpecialIds(special["bos_token_id"], tuple(special["eos_token_ids"]), special["pad_token_id"],
+                     special["add_bos_token"])
+    return TextTokenizer(backend, ids, manifest.get("chat_template"), manifest["generation"], source=where)
 
 
 def _session(package: Package, threads: int) -> ort.InferenceSession:

@@ -21,6 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import SPJError
 from ..sampling import SamplingParams
+from ..tokenizer import CHAT_TEMPLATE_MAX_CHARS, EOS_IDS_MAX
 
 MANIFEST = "spj.json"
 MODEL = "model.onnx"
@@ -39,11 +40,14 @@ SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
 INTEGERS = {
     **{("model", key): (1, 1024) for key in ("num_hidden_layers", "num_key_value_heads", "head_dim")},
     ("model", "vocab_size"): (1, LARGEST), ("model", "max_position_embeddings"): (1, LARGEST),
-    **{("special_tokens", key): (0, LARGEST) for key in ("bos_token_id", "eos_token_id", "pad_token_id")},
     ("generation", "max_new_tokens"): (0, LARGEST), ("generation", "top_k"): (0, LARGEST),
 }
+# Ids of the model's vocabulary; bos and eos may be null (a tokenizer without them). eos_token_ids (every id that ends
+# generation), add_bos_token and the top-level chat_template came later: a manifest without them is read as before.
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 REQUIRED = [
     *INTEGERS, *(("generation", key) for key in SAMPLING if ("generation", key) not in INTEGERS),
+    *(("special_tokens", key) for key in SPECIAL_IDS),
     ("graph",), ("opset",), ("quantization", "mode"),
     *(("files", name, key) for name in (MODEL, TOKENIZER) for key in ("sha256", "bytes")),
 ]
@@ -132,11 +136,10 @@ def _check_values(manifest: dict, where: str) -> None:
         value = manifest[section][key]
         if not (_is_integer(value) and least <= value <= most):
             raise SPJError(f"{where}: {section}.{key} must be an integer from {least} to {most}, got {value!r}")
-    vocab_size = manifest["model"]["vocab_size"]
-    for key, value in manifest["special_tokens"].items():
-        if key in ("bos_token_id", "eos_token_id", "pad_token_id") and value >= vocab_size:
-            raise SPJError(f"{where}: special_tokens.{key} is {value}, not an id of the model's vocabulary of "
-                           f"{vocab_size}")
+    _check_special_tokens(manifest["special_tokens"], manifest["model"]["vocab_size"], where)
+    template = manifest.get("chat_template")
+    if not (template is None or isinstance(template, str) and len(template) <= CHAT_TEMPLATE_MAX_CHARS):
+        raise SPJError(f"{where}: chat_template must be null or text of at most {CHAT_TEMPLATE_MAX_CHARS} characters")
     generation = manifest["generation"]
     for key in SAMPLING:
         if not isinstance(generation[key], (int, float)) or isinstance(generation[key], bool):
@@ -145,6 +148,26 @@ def _check_values(manifest: dict, where: str) -> None:
         SamplingParams(**{key: generation[key] for key in SAMPLING})
     except SPJError as e:
         raise SPJError(f"{where}: generation defaults: {e}") from None
+
+
+def _check_special_tokens(special: dict, vocab_size: int, where: str) -> None:
+    def check_id(key: str, value, nullable: bool) -> None:
+        if value is None and nullable:
+            return
+        if not (_is_integer(value) and 0 <= value < vocab_size):
+            raise SPJError(f"{where}: special_tokens.{key} is {value!r}, not an id of the model's vocabulary of "
+                           f"{vocab_size}")
+
+    for key in SPECIAL_IDS:
+        check_id(key, special[key], nullable=key != "pad_token_id")
+    if "eos_token_ids" in special:
+        eos = special["eos_token_ids"]
+        if not (isinstance(eos, list) and len(eos) <= EOS_IDS_MAX):
+            raise SPJError(f"{where}: special_tokens.eos_token_ids must be a list of at most {EOS_IDS_MAX} ids")
+        for value in eos:
+            check_id("eos_token_ids", value, nullable=False)
+        if not isinstance(special.get("add_bos_token"), bool):
+            raise SPJError(f"{where}: special_tokens.add_bos_token must be true or false")
 
 
 def _check_files(files: dict, where: str) -> None:
