@@ -32,7 +32,7 @@ from .onnx_lm import OnnxLM
 from .outputs import check_output, staged_dir, write_json
 from .tables import print_summary
 from .sampling import Sampler, SamplingParams
-from .tokenizer import save_tokenizer
+from .tokenizer import save_tokenizer_files
 
 # The TorchScript exporter's SDPA needs opset 14; 20 is the newest it writes.
 PLAIN_OPSETS = range(14, 21)
@@ -273,7 +273,7 @@ def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse:
     }
     with staged_dir(out) as tmp:
         (tmp / "model.onnx").write_bytes(data)
-        save_tokenizer(tokenizer, tmp / "tokenizer.json")
+        save_tokenizer_files(tokenizer, tmp)
         write_json(tmp / "config.json", config_json)
         write_json(tmp / "report.json", report)
     print_summary(f"export: {model_dir} → {out / 'model.onnx'}", [
