@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 
 from .errors import ArgumentParser, run_command
-from .options import CALIB_HELD_OUT, BenchOptions, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions, add_flags, from_flags
+from .options import (CALIB_HELD_OUT, IMPORT_DTYPES, BenchOptions, EvalOptions, PruneOptions, QuantizeOptions,
+                      TrainOptions, add_flags, from_flags)
 
 
 def cmd_tokenizer(args):
@@ -43,6 +44,12 @@ def cmd_generate(args):
     from .generate import generate_text
 
     generate_text(args.model, args.prompt, args.max_new_tokens, sampling_params(args), args.ignore_eos, sys.stdout)
+
+
+def cmd_import(args):
+    from .import_gguf import import_gguf
+
+    import_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite)
 
 
 def cmd_export(args):
@@ -156,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     add_sampling_flags(p)
     p.set_defaults(run=cmd_generate)
+
+    p = verbs.add_parser("import", help="a pretrained llama.cpp GGUF Llama → a checkpoint (Hugging Face's layout, "
+                                        "with its tokenizer, chat template and end-of-generation ids)")
+    p.add_argument("--gguf", required=True, metavar="FILE", help="a .gguf file of architecture llama")
+    p.add_argument("--out", required=True, metavar="CKPT", help="the checkpoint directory to write")
+    p.add_argument("--dtype", default=IMPORT_DTYPES[0], choices=IMPORT_DTYPES,
+                   help="of the dequantized weights (default %(default)s; bfloat16 halves the file and rounds them)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=cmd_import)
 
     p = verbs.add_parser("export", help="export a checkpoint to ONNX with a KV cache, verified against PyTorch")
     p.add_argument("--model", help="checkpoint directory, ours or any local Hugging Face LlamaForCausalLM "

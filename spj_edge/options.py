@@ -37,6 +37,7 @@ def from_flags(options: type, args: argparse.Namespace):
     return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if "help" in f.metadata})
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+IMPORT_DTYPES = ("float32", "bfloat16")  # what `spj-edge import` writes the dequantized weights as
 
 
 @dataclass(frozen=True)
