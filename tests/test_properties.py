@@ -15,7 +15,7 @@ from spj_edge.runtime import Generator
 from spj_edge.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.slow
-from spj_edge.tokenizer import SPECIAL_TOKENS, encode_prompt, special_token_ids, train_tokenizer
+from spj_edge.tokenizer import SPECIAL_TOKENS, special_token_ids, train_tokenizer
 
 
 def fixed(examples: int):
@@ -46,9 +46,10 @@ def tokenizer():
 def test_tokenizer_round_trips_any_unicode_text(tokenizer, text):
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     assert tokenizer.decode(ids) == text
-    # the prompt path: <bos> in front, and the special tokens' text stays text (never a control id)
+    # the prompt path: <bos> in front (the tokenizer's post-processor), and the special tokens' text stays text (never
+    # a control id)
     bos = special_token_ids(tokenizer)["bos_token_id"]
-    prompt = encode_prompt(tokenizer, text, 10**9, bos)
+    prompt = tokenizer.encode_prompt(text, 10**9)
     assert prompt[0] == bos and not set(prompt[1:]) & set(special_token_ids(tokenizer).values())
     assert tokenizer.decode(prompt[1:]) == text
 
