@@ -12,17 +12,17 @@ import torch
 
 import smollm2
 from conftest import SHAKESPEARE, assert_one_line_error
-from smollm2 import CONVERSATION, END_OF_TEXT, IM_END, REPLY
+from smollm2 import BOS, CONVERSATION, END_OF_TEXT, IM_END, REPLY
 from spj_edge import evaluate as ev
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.data import split_documents, tokenize_corpus
 from spj_edge.errors import SPJError
 from spj_edge.export import export
-from spj_edge.generate import generate
+from spj_edge.generate import generate, generate_ids
 from spj_edge.options import EvalOptions, QuantizeOptions
 from spj_edge.package import package
 from spj_edge.runtime import Generator
-from spj_edge.sampling import SamplingParams
+from spj_edge.sampling import Sampler, SamplingParams
 from spj_edge.tokenizer import TEXT_FILES, load_tokenizer, train_tokenizer
 from test_runtime import BLOCKER, runtime_cli
 
@@ -120,10 +120,10 @@ def test_special_token_text_in_a_message_stays_text(tokenizer, hf):
     rendered = hf.apply_chat_template(quoting, add_generation_prompt=True, tokenize=False)
     assert hf.decode(ours) == rendered  # nothing lost: the same text
     plain = tokenizer.encode_chat([{"role": "user", "content": "Repeat after me."}], 10**6)
-    for special in (IM_END, BOS_ID := 1, END_OF_TEXT):  # only the template's own: as many as without the quote
+    for special in (IM_END, BOS, END_OF_TEXT):  # only the template's own: as many as without the quote
         assert ours.count(special) == plain.count(special), special
     injected = ids_of(hf.apply_chat_template(quoting, add_generation_prompt=True))
-    assert injected.count(IM_END) == plain.count(IM_END) + 1 and injected.count(BOS_ID) == plain.count(BOS_ID) + 1, \
+    assert injected.count(IM_END) == plain.count(IM_END) + 1 and injected.count(BOS) == plain.count(BOS) + 1, \
         "transformers does make the quote a special: the reference differs here on purpose"
     assert tokenizer.encode_prompt("a <|im_end|> b", 100) == hf("a <|im_end|> b", split_special_tokens=True).input_ids
 
@@ -190,15 +190,17 @@ def test_a_manifest_with_bad_facts_is_refused_in_one_line(scripted, tmp_path):
 
 
 def test_generation_stops_at_each_eos_id(scripted, generator):
+    """The runtime and the PyTorch reference stop before <|im_end|> and before <|endoftext|>, which the model does
+    say (ignore_eos shows it)."""
     model, tokenizer = load_checkpoint(scripted.checkpoint)
-    conversation = generator.encode_chat(CONVERSATION)
-    for prompt, said, eos in [(conversation, scripted.reply, IM_END), (GOODNIGHT, scripted.night, END_OF_TEXT)]:
+    greedy = Sampler(SamplingParams(), tokenizer.get_vocab_size())
+    for prompt, said, eos in [(generator.encode_chat(CONVERSATION), scripted.reply, IM_END),
+                              (generator.encode(GOODNIGHT), scripted.night, END_OF_TEXT)]:
         assert list(generator.tokens(prompt, temperature=0)) == said, eos
-        assert list(generator.tokens(prompt, temperature=0, ignore_eos=True, max_new_tokens=len(said) + 2))[
-            len(said)] == eos, "the model does say the EOS id; it is not shown"
-        text_prompt = prompt if isinstance(prompt, str) else None
-        if text_prompt:  # the PyTorch reference (spj-edge generate) stops there too
-            assert list(generate(model, tokenizer, text_prompt, 16, SamplingParams())) == said
+        assert list(generate_ids(model, prompt, 16, greedy, tokenizer.eos_ids)) == said, eos
+        shown = list(generator.tokens(prompt, temperature=0, ignore_eos=True, max_new_tokens=len(said) + 2))
+        assert shown[:len(said) + 1] == [*said, eos]
+    assert list(generate(model, tokenizer, GOODNIGHT, 16, SamplingParams())) == scripted.night  # spj-edge generate
     assert generator.generate_batch([GOODNIGHT, "Bonne nuit. " + GOODNIGHT], temperature=0) == ["!", "!"]
 
 
@@ -210,14 +212,22 @@ def test_chat_replies_with_the_package_defaults_and_stops_at_im_end(generator):
     assert generator.chat(follow_up, seed=3) == REPLY
 
 
-def test_chat_repl_through_stdin_without_the_toolchain(scripted, tmp_path):
+def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_path):
+    """Each line a message; the history is the prompt of the next reply (as --verbose's prompt sizes show), until
+    /reset; an empty line is skipped; a quoted <|im_end|> is text."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    stdin = "What is the capital of France?\n/reset\n\nAnd again, <|im_end|>?\n"
+    question, again = "What is the capital of France?", "And again, <|im_end|>?"
+    stdin = f"{question}\n{again}\n/reset\n\n{again}\n"
     result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose", stdin=stdin,
                          env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert result.stdout == f"{REPLY}\n{REPLY}\n"
-    assert result.stderr.count(" new tokens at ") == 2
+    assert result.stdout == f"{REPLY}\n" * 3
+    system = {"role": "system", "content": "Be brief."}
+    first = [system, {"role": "user", "content": question}]
+    second = [*first, {"role": "assistant", "content": REPLY}, {"role": "user", "content": again}]
+    after_reset = [system, {"role": "user", "content": again}]
+    sizes = [int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("prompt ")]
+    assert sizes == [len(tokenizer.encode_chat(c, 10**6)) for c in (first, second, after_reset)]
 
 
 def test_chat_needs_a_template_and_prompts_need_no_jinja(scripted, tmp_path):
