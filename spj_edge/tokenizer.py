@@ -1,13 +1,14 @@
 """Tokenizers: the byte-level BPE our presets train, and any Hugging Face tokenizer a real checkpoint brings.
 
 A `TextTokenizer` is a `tokenizers.Tokenizer` with the facts Hugging Face keeps in files beside tokenizer.json:
-tokenizer_config.json (the bos, eos and pad tokens, add_bos_token, a chat template), chat_template.jinja (where
+tokenizer_config.json (the bos, eos and pad tokens, a chat template), chat_template.jinja (where
 transformers 5 writes the template) and generation_config.json (the ids that end generation, sampling defaults).
 Every stage that writes a tokenizer writes those files too, as it read them (`save_tokenizer_files`).
 
 The rules, each as transformers applies it:
 - <bos>: the tokenizer's own post-processor puts it in front of a prompt, or not (SmolLM2's adds none). Ours is a
-  TemplateProcessing that adds <|bos|>; an add_bos_token in tokenizer_config.json rebuilds the post-processor.
+  TemplateProcessing that adds <|bos|>. tokenizer_config.json's add_bos_token changes nothing: transformers 5 takes
+  a byte-level tokenizer.json's post-processor as it is, whatever that says (measured with 5.24), and so do we.
 - EOS: every id generation_config.json lists ends generation, and the tokenizer_config.json's eos_token.
 - bits per byte: a special or added token stands for no bytes of text.
 - a user's text is text: `<|im_end|>` typed in a prompt or a chat message is its characters, never the special id
@@ -300,9 +301,14 @@ def _from_files(backend: Tokenizer, files: dict[str, bytes], source: str) -> Tex
     generation = _json_file(files, GENERATION_CONFIG, where) or {}
     size = backend.get_vocab_size(with_added_tokens=True)
 
+    ours = config is None  # a tokenizer.json alone: ours (or one from elsewhere that names no special tokens)
+    if ours:
+        config = {key: token for key, token in zip(("pad_token", "bos_token", "eos_token"), SPECIAL_TOKENS)
+                  if backend.token_to_id(token) is not None}
+
     def token_id(key: str) -> int | None:
         """The id of a tokenizer_config.json token: its text, or {"content": text} as older transformers write it."""
-        value = (config or {}).get(key)
+        value = config.get(key)
         text = value.get("content") if isinstance(value, dict) else value
         if text is None:
             return None
@@ -320,18 +326,11 @@ def _from_files(backend: Tokenizer, files: dict[str, bytes], source: str) -> Tex
                                f"vocabulary of {size}")
         return ids
 
-    if config is None:  # a tokenizer.json alone: ours (or, from elsewhere, one with no special tokens known)
-        ours = {name: backend.token_to_id(token) for name, token in zip(("pad", "bos", "eos"), SPECIAL_TOKENS)}
-        if backend.post_processor is None and ours["bos"] is not None:  # ours, saved before it carried its <bos>
-            backend.post_processor = _our_bos_processor(backend)
-        bos, eos, pad = ours["bos"], [] if ours["eos"] is None else [ours["eos"]], ours["pad"]
-    else:
-        bos, eos, pad = token_id("bos_token"), [i for i in [token_id("eos_token")] if i is not None], token_id(
-            "pad_token")
-        if "add_bos_token" in config or "add_eos_token" in config:
-            backend.post_processor = _transformers_processor(backend, config, bos, eos[0] if eos else None, where)
+    bos, eos, pad = token_id("bos_token"), token_id("eos_token"), token_id("pad_token")
+    if ours and backend.post_processor is None and bos is not None:  # ours, saved before it carried its <bos>
+        backend.post_processor = _our_bos_processor(backend)
     bos = bos if bos is not None else next(iter(generation_ids("bos_token_id")), None)
-    eos += [i for i in generation_ids("eos_token_id") if i not in eos]
+    eos = list(dict.fromkeys(i for i in (eos, *generation_ids("eos_token_id")) if i is not None))  # in order, once
     if len(eos) > EOS_IDS_MAX:
         raise SPJError(f"{where / GENERATION_CONFIG}: {len(eos)} eos_token_id values, more than {EOS_IDS_MAX}")
     pad = next(i for i in (pad, *generation_ids("pad_token_id"), *eos, 0) if i is not None)
@@ -340,30 +339,12 @@ def _from_files(backend: Tokenizer, files: dict[str, bytes], source: str) -> Tex
                          _chat_template(files, config, where), _generation_defaults(generation, where), files, source)
 
 
-def _transformers_processor(backend: Tokenizer, config: dict, bos: int | None, eos: int | None,
-                            where: Path) -> processors.TemplateProcessing:
-    """What transformers builds when tokenizer_config.json says add_bos_token or add_eos_token: the tokenizer's
-    bos and eos around each sequence, as asked, in place of tokenizer.json's post-processor."""
-    add = {key: config.get(f"add_{key}_token", False) for key in ("bos", "eos")}
-    for key, value in add.items():
-        if not isinstance(value, bool):
-            raise SPJError(f"{where / TOKENIZER_CONFIG}: add_{key}_token must be true or false, got {value!r}")
-    first, last = (backend.id_to_token(i) if add[key] and i is not None else None
-                   for key, i in (("bos", bos), ("eos", eos)))
-
-    def sequence(name: str, n: int) -> str:
-        return " ".join(f"{part}:{n}" for part in (first, f"${name}", last) if part)
-
-    return processors.TemplateProcessing(single=sequence("A", 0), pair=f"{sequence('A', 0)} {sequence('B', 1)}",
-                                         special_tokens=[(t, backend.token_to_id(t)) for t in {first, last} if t])
-
-
-def _chat_template(files: dict[str, bytes], config: dict | None, where: Path) -> str | None:
+def _chat_template(files: dict[str, bytes], config: dict, where: Path) -> str | None:
     """chat_template.jinja, else tokenizer_config.json's chat_template: a string, or named templates (the default)."""
     if CHAT_TEMPLATE in files:
         template, origin = files[CHAT_TEMPLATE].decode("utf-8"), where / CHAT_TEMPLATE
     else:
-        template, origin = (config or {}).get("chat_template"), where / TOKENIZER_CONFIG
+        template, origin = config.get("chat_template"), where / TOKENIZER_CONFIG
         if isinstance(template, list):
             template = next((t.get("template") for t in template if isinstance(t, dict)
                              and t.get("name") == "default"), None)

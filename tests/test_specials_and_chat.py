@@ -94,6 +94,20 @@ def test_prompt_ids_are_transformers_without_bos_for_smollm2(tokenizer, hf, text
         assert hf(text).input_ids == [504, 3575, 282, 4649, 314]
 
 
+def test_add_bos_token_and_a_template_in_tokenizer_config_as_transformers_reads_them(files, tmp_path):
+    """The post-processor alone says whether a prompt gets <bos>: transformers 5 reads no add_bos_token from
+    tokenizer_config.json. Its chat_template serves where there is no chat_template.jinja (as older transformers
+    wrote it)."""
+    config = json.loads((files / "tokenizer_config.json").read_text())
+    config.update(add_bos_token=True, chat_template=(files / "chat_template.jinja").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer.json").write_bytes((files / "tokenizer.json").read_bytes())
+    ours, hf = load_tokenizer(tmp_path / "tokenizer.json"), smollm2.reference(tmp_path)
+    assert ours.encode_prompt("The capital", 100) == hf("The capital").input_ids == [504, 3575]
+    assert not ours.special.adds_bos and ours.encode_chat(CONVERSATION, 100) == ids_of(
+        hf.apply_chat_template(CONVERSATION, add_generation_prompt=True))
+
+
 def test_prompt_ids_are_transformers_with_bos_for_our_presets(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
