@@ -92,8 +92,13 @@ def load_checkpoint(directory: str | Path) -> tuple[Transformer, Tokenizer]:
 def checkpoint_sha256(directory: str | Path) -> str:
     """A hash of the weights and config, recorded by later stages to name their source."""
     checkpoint = open_checkpoint(directory)
+    return files_sha256([checkpoint.path / CONFIG, *checkpoint.weight_files])
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """The sha256 of the files' contents one after another, read a megabyte at a time."""
     digest = hashlib.sha256()
-    for path in [checkpoint.path / CONFIG, *checkpoint.weight_files]:
+    for path in paths:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)

@@ -14,7 +14,6 @@ rows from Hugging Face's rotate-half rotary layout (first half of the head, then
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -27,7 +26,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from tqdm import tqdm
 
 from .artifact import CONFIG, WEIGHTS, open_checkpoint
-from .checkpoint import hf_name, model_of
+from .checkpoint import files_sha256, hf_name, model_of
 from .config import RopeScaling, SPJConfig
 from .errors import SPJError
 from .model import Transformer
@@ -254,14 +253,6 @@ def end_of_generation_ids(meta: Metadata) -> list[int]:
 
 
 # --- the stage -------------------------------------------------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
     """The `spj-edge import` stage: `gguf` → the checkpoint directory `out`; returns its report."""
     gguf, out = Path(gguf), Path(out)
@@ -296,7 +287,7 @@ def import_gguf(gguf: str | Path, out: str | Path, dtype: str = "float32", overw
         raise SPJError(f"{gguf}: tensor {missing[0]} is missing")
 
     report = {
-        "stage": "import", "source": str(gguf), "source_sha256": sha256_of(gguf), "dtype": dtype,
+        "stage": "import", "source": str(gguf), "source_sha256": files_sha256([gguf]), "dtype": dtype,
         "tensor_types": dict(types.most_common()), "tensors": len(names),
         "parameters": config.num_parameters(), "tokenizer": {
             "model": meta.get("tokenizer.ggml.model"), "pre": meta.get("tokenizer.ggml.pre", "default"),

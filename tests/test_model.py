@@ -105,3 +105,28 @@ def test_small_preset_has_the_benchmark_shape():
             c.intermediate_size, c.vocab_size, c.max_position_embeddings) == (512, 8, 8, 4, 1408, 32000, 1024)
     assert 35e6 < c.num_parameters() < 45e6
     assert c.num_parameters() == sum(p.numel() for p in Transformer(c).parameters())
+
+
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192},  # Llama 3.2's
+])
+def test_rope_frequencies_are_bit_for_bit_transformers(scaling):
+    """The rotary table is the only thing rope scaling changes, so it must be transformers' to the last bit."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from spj_edge.model import rope_frequencies
+
+    hf = LlamaConfig(hidden_size=2048, num_attention_heads=32, head_dim=64, rope_theta=5e5,
+                     max_position_embeddings=131072, rope_scaling=dict(scaling) if scaling else None)
+    ours = SPJConfig.from_hf_dict({**hf.to_dict(), "architectures": ["LlamaForCausalLM"]})
+    if scaling is None:
+        theirs = 1.0 / 5e5 ** (torch.arange(0, 64, 2, dtype=torch.int64).float() / 64)
+    else:
+        theirs, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf, "cpu")
+        assert attention_factor == 1.0  # nothing but the frequencies changes
+    assert torch.equal(rope_frequencies(ours), theirs)
+    assert (ours.rope_scaling and ours.rope_scaling.to_hf_dict()) == scaling
