@@ -228,10 +228,11 @@ def test_chat_replies_with_the_package_defaults_and_stops_at_im_end(generator):
 
 def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_path):
     """Each line a message; the history is the prompt of the next reply (as --verbose's prompt sizes show), until
-    /reset; an empty line is skipped; a quoted <|im_end|> is text."""
+    /reset; an empty line is skipped; a quoted <|im_end|> is text; a message that overflows the context is refused in
+    one line and left out of the conversation."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    question, again = "What is the capital of France?", "And again, <|im_end|>?"
-    stdin = f"{question}\n{again}\n/reset\n\n{again}\n"
+    question, again, too_long = "What is the capital of France?", "And again, <|im_end|>?", "word " * 600
+    stdin = f"{question}\n{again}\n{too_long}\n/reset\n\n{again}\n"
     result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose", stdin=stdin,
                          env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
@@ -242,6 +243,8 @@ def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_
     after_reset = [system, {"role": "user", "content": again}]
     sizes = [int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("prompt ")]
     assert sizes == [len(tokenizer.encode_chat(c, 10**6)) for c in (first, second, after_reset)]
+    refused = [line for line in result.stderr.splitlines() if line.startswith("spj-edge:")]
+    assert len(refused) == 1 and "conversation is" in refused[0] and "the model's context is 512" in refused[0]
 
 
 def test_chat_needs_a_template_and_prompts_need_no_jinja(scripted, tmp_path):
