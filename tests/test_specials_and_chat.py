@@ -233,8 +233,8 @@ def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     question, again, too_long = "What is the capital of France?", "And again, <|im_end|>?", "word " * 600
     stdin = f"{question}\n{again}\n{too_long}\n/reset\n\n{again}\n"
-    result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose", stdin=stdin,
-                         env={"PYTHONPATH": str(tmp_path)})
+    result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose", "--no-stream",
+                         stdin=stdin, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{REPLY}\n" * 3
     system = {"role": "system", "content": "Be brief."}

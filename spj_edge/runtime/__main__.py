@@ -29,9 +29,9 @@ Strings are JSON-escaped (ASCII only), so a record never spans two lines.
 RESET = "/reset"
 CHAT = f"""\
 With --chat, each line of stdin is your next message in a conversation that the package's chat template frames; the
-reply streams to stdout and ends with a newline. `{RESET}` starts a new conversation. A line the model cannot answer
-(the conversation has outgrown the context, say) gets a one-line error on stderr, and the conversation goes on without
-it.
+reply streams to stdout (comes whole, with --no-stream) and ends with a newline. `{RESET}` starts a new
+conversation. A line the model cannot answer (the conversation has outgrown the context, say) gets a one-line error
+on stderr, and the conversation goes on without it.
 """
 
 
@@ -100,7 +100,8 @@ def serve(generator: Generator, lines: BinaryIO, options: dict, stream: bool, ve
             print(timing.summary(), file=sys.stderr)
 
 
-def chat(generator: Generator, lines: BinaryIO, options: dict, system: str | None, verbose: bool) -> None:
+def chat(generator: Generator, lines: BinaryIO, options: dict, system: str | None, stream: bool,
+         verbose: bool) -> None:
     """--chat (CHAT): the conversation so far is the prompt of each reply."""
     generator.tokenizer.require_chat_template()
     opening = [{"role": "system", "content": system}] if system is not None else []
@@ -115,12 +116,12 @@ def chat(generator: Generator, lines: BinaryIO, options: dict, system: str | Non
     history = opening
     ask()
     for line in _lines(lines):
-        history = _chat_turn(generator, line, history, opening, options, verbose)
+        history = _chat_turn(generator, line, history, opening, options, stream, verbose)
         ask()
 
 
 def _chat_turn(generator: Generator, line: bytes | None, history: list[dict], opening: list[dict], options: dict,
-               verbose: bool) -> list[dict]:
+               stream: bool, verbose: bool) -> list[dict]:
     """Answer one line of --chat; the conversation after it."""
     try:
         message = _prompt(line).strip()
@@ -132,12 +133,13 @@ def _chat_turn(generator: Generator, line: bytes | None, history: list[dict], op
             reply = []
             for piece in pieces:
                 reply.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+                if stream:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
     except SPJError as e:
         print(f"spj-edge: {e}", file=sys.stderr)
         return history
-    sys.stdout.write("\n")
+    sys.stdout.write("\n" if stream else "".join(reply) + "\n")
     sys.stdout.flush()
     if verbose:
         print(timing.summary(), file=sys.stderr)
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             print(generator.describe(), file=sys.stderr)
         options = {name: getattr(args, name) for name in OPTIONS}
         if args.chat:
-            chat(generator, sys.stdin.buffer, options, args.system, args.verbose)
+            chat(generator, sys.stdin.buffer, options, args.system, not args.no_stream, args.verbose)
         elif args.prompt is not None:
             answer(generator, args.prompt, options, not args.no_stream, args.verbose)
         else:
