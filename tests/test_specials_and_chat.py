@@ -226,15 +226,16 @@ def test_chat_replies_with_the_package_defaults_and_stops_at_im_end(generator):
     assert generator.chat(follow_up, seed=3) == REPLY
 
 
-def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_path):
+@pytest.mark.parametrize("streamed", [True, False])
+def test_chat_repl_through_stdin_without_the_toolchain(scripted, tokenizer, tmp_path, streamed):
     """Each line a message; the history is the prompt of the next reply (as --verbose's prompt sizes show), until
     /reset; an empty line is skipped; a quoted <|im_end|> is text; a message that overflows the context is refused in
     one line and left out of the conversation."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     question, again, too_long = "What is the capital of France?", "And again, <|im_end|>?", "word " * 600
     stdin = f"{question}\n{again}\n{too_long}\n/reset\n\n{again}\n"
-    result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose", "--no-stream",
-                         stdin=stdin, env={"PYTHONPATH": str(tmp_path)})
+    result = runtime_cli("--model", scripted.package, "--chat", "--system", "Be brief.", "--verbose",
+                         *([] if streamed else ["--no-stream"]), stdin=stdin, env={"PYTHONPATH": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{REPLY}\n" * 3
     system = {"role": "system", "content": "Be brief."}
