@@ -104,7 +104,9 @@ class TextTokenizer:
         self.files = dict(files or {})  # TEXT_FILES as read, written again by save_tokenizer_files
         self.source = source
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # what the class lacks is the backend's
+        if name == "backend":  # not set yet: copy and pickle look for methods on an object they are building
+            raise AttributeError(name)
         return getattr(self.backend, name)
 
     @classmethod

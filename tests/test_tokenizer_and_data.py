@@ -1,4 +1,5 @@
 """Tokenizer round trips and the data pipeline, on the real text of ../shared/data."""
+import copy
 import json
 
 import numpy as np
@@ -50,6 +51,7 @@ def test_our_bos_comes_from_the_tokenizer_and_old_tokenizer_files_keep_it(ud_tok
     old = load_tokenizer(tmp_path / "tokenizer.json")
     assert old.encode_prompt(text, 100) == ud_tokenizer.encode_prompt(text, 100)
     assert (old.special.bos, old.eos_ids, old.special.pad, old.special.adds_bos) == (1, (2,), 0, True)
+    assert copy.deepcopy(old).encode_prompt(text, 100) == old.encode_prompt(text, 100)  # copies as it pickles
 
 
 def test_tokenizer_cli_reports_bytes_per_token(tmp_path):
