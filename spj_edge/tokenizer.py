@@ -105,9 +105,13 @@ class TextTokenizer:
         self.source = source
 
     def __getattr__(self, name: str):  # what the class lacks is the backend's
-        if name == "backend":  # not set yet: copy and pickle look for methods on an object they are building
-            raise AttributeError(name)
         return getattr(self.backend, name)
+
+    def __setstate__(self, state: dict):
+        """A copy, or one unpickled: the backend's encode_special_tokens (the guard on a user's text) is not part of
+        what `tokenizers` pickles."""
+        self.__dict__.update(state)
+        specials_as_text(self.backend)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer | TextTokenizer, source: str = TOKENIZER) -> TextTokenizer:

@@ -51,7 +51,7 @@ def test_our_bos_comes_from_the_tokenizer_and_old_tokenizer_files_keep_it(ud_tok
     old = load_tokenizer(tmp_path / "tokenizer.json")
     assert old.encode_prompt(text, 100) == ud_tokenizer.encode_prompt(text, 100)
     assert (old.special.bos, old.eos_ids, old.special.pad, old.special.adds_bos) == (1, (2,), 0, True)
-    assert copy.deepcopy(old).encode_prompt(text, 100) == old.encode_prompt(text, 100)  # copies as it pickles
+    assert copy.deepcopy(old).encode_prompt(text, 100) == old.encode_prompt(text, 100), "a copy keeps the guard"
 
 
 def test_tokenizer_cli_reports_bytes_per_token(tmp_path):
