@@ -71,7 +71,7 @@ def packs_weights() -> bool:
     change every step and must be concatenated anyway, one GEMM costs noticeably less than three small ones on a CPU,
     and the traced ONNX graph keeps the packed MatMuls the fused graph has. Without autograd (generation, the export's
     checks) each weight is read once either way, and concatenating a real model's weights for every token cost more
-    than its GEMMs (SmolLM2-135M: two thirds of a decode step)."""
+    than its GEMMs (SmolLM2-135M: nearly half of a decode step)."""
     return torch.is_grad_enabled() or torch.onnx.is_in_onnx_export()
 
 
