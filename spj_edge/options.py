@@ -109,7 +109,10 @@ class EvalOptions:
 # calibrate on.
 CALIB_HELD_OUT = 0.2
 QUANTIZE_MODES = ("static", "dynamic", "int4")
-CALIBRATIONS = ("minmax", "entropy", "percentile")  # onnxruntime's CalibrationMethod names, lower-cased
+CALIBRATIONS = ("minmax", "percentile")  # each smoothed input's extremes, or a percentile of its calibration sample
+# The gate's defaults per mode: int8 is held to ≤ 1 % more bits per byte, int4 to ≤ 3 %; agreement counts where the
+# float model is confident (quantize.gate_failures says why).
+GATE = {"static": (0.01, 0.97), "dynamic": (0.01, 0.97), "int4": (0.03, 0.90)}
 CALIBRATION_PREFILL, CALIBRATION_DECODE = 32, 16  # tokens per calibration sample: a prompt, then cached steps
 
 
@@ -123,13 +126,15 @@ class QuantizeOptions:
     calibration: str | None = flag(None, "default: the profile's", choices=CALIBRATIONS)
     per_channel: bool | None = flag(None, "per-channel weight scales (default: the profile's)",
                                     action=argparse.BooleanOptionalAction)
-    smoothquant: float | None = flag(None, "static: fold SmoothQuant scales (alpha, e.g. 0.5) from each RMSNorm into "
-                                           "the MatMul after it", type=float, metavar="ALPHA")
+    smoothquant: float | None = flag(None, "static: SmoothQuant's alpha for every MatMul (default: each its own, from "
+                                           "the calibration statistics; 0: off)", type=float, metavar="ALPHA")
     exclude: tuple[str, ...] = flag((), "keep these MatMuls in float, e.g. /lm_head/MatMul", type=str, nargs="+",
                                     metavar="NODE")
     auto_exclude: bool = flag(False, "keep the most sensitive MatMuls in float until the gate passes")
-    max_bpb_increase: float = flag(0.02, "gate: relative (default 0.02 = 2%%)")
-    min_agreement: float = flag(0.95, "gate: top-1 agreement with float32 (default %(default)s)")
+    max_bpb_increase: float | None = flag(None, "gate: relative (default 0.01 = 1%% for int8, 0.03 for int4)",
+                                          type=float)
+    min_agreement: float | None = flag(None, "gate: top-1 agreement with float32 where it is confident (default "
+                                             "0.97 for int8, 0.90 for int4)", type=float)
     block_size: int = flag(32, "int4: weights per scale (default %(default)s)")
     accuracy_level: int = flag(4, "int4: MatMulNBits compute type (4: int8)")
     force: bool = flag(False, "write a model that fails the gate, with a warning")
@@ -151,9 +156,12 @@ class QuantizeOptions:
             raise SPJError("--calib-samples and --eval-windows must be positive")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise SPJError(f"--block-size must be a power of two ≥ 16, got {self.block_size}")
-        if self.smoothquant is not None and not (0 < self.smoothquant < 1 and self.mode == "static"):
-            raise SPJError(f"--smoothquant takes an alpha in (0, 1) and goes with --mode static, got "
+        if self.smoothquant is not None and not (0 <= self.smoothquant < 1 and self.mode == "static"):
+            raise SPJError(f"--smoothquant takes an alpha in [0, 1) and goes with --mode static, got "
                            f"{self.smoothquant}")
+        bpb, agreement = GATE[self.mode]
+        object.__setattr__(self, "max_bpb_increase", bpb if self.max_bpb_increase is None else self.max_bpb_increase)
+        object.__setattr__(self, "min_agreement", agreement if self.min_agreement is None else self.min_agreement)
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise SPJError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
         if not (0 <= self.max_bpb_increase and 0 <= self.min_agreement <= 1):

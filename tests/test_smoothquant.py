@@ -1,0 +1,87 @@
+"""Static int8's smoothing (spj_edge/smoothquant.py): every fold leaves the float model's function as it was, and an
+outlier channel of the kind real LMs have is found in the calibration statistics and absorbed by the smoothing."""
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import UD, logit_bound
+from spj_edge import smoothquant
+from spj_edge.data import calibration_split, spaced_windows
+from spj_edge.export import export
+from spj_edge.onnx_lm import OnnxLM
+from spj_edge.options import QuantizeOptions
+from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, Recipe, float_export, static_plan, weight_matmuls
+
+DOWN = "/layers.0/mlp/down_proj/MatMul"
+
+
+@pytest.fixture(scope="module")
+def fused(nano_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smooth") / "fused"
+    export(nano_checkpoint, out, opset=17)
+    return out
+
+
+def calibration(model):
+    stream, _ = calibration_split([UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"], model.tokenizer)
+    return KVCacheCalibration(OnnxLM(model.graph_path, model.config),
+                              spaced_windows(stream, PREFILL + DECODE, 8))
+
+
+def plan_of(directory, tmp_path, alpha=None):
+    tmp_path.mkdir(exist_ok=True)
+    model = float_export(directory)
+    recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
+    return static_plan(model, calibration(model), recipe, weight_matmuls(model.proto), tmp_path)
+
+
+def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, tmp_path):
+    model = float_export(fused)
+    found = smoothquant.folds(model.proto, model.config)
+    layers = model.config.num_hidden_layers
+    assert set(found) == set(weight_matmuls(model.proto)) and len(found) == 4 * layers + 1
+    assert found["/layers.0/self_attn/o_proj/MatMul"].heads == (
+        model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads,
+        model.config.head_dim)
+    plan, smoothed, _ = plan_of(fused, tmp_path, alpha=0.5)
+    assert all(a == 0.5 for n, a in plan.alpha.items() if n not in plan.float_kept)
+    window = spaced_windows(calibration_split([UD / "fr_gsd_dev.txt"], model.tokenizer)[0], 64, 1)[0]
+    reference = OnnxLM(model.graph_path, model.config).window_logits(window)
+    logits = OnnxLM(smoothed, model.config).window_logits(window)
+    # the weights really changed: every smoothed MatMul's B, and the norms, V and up columns its 1/s went into
+    before = {i.name: numpy_helper.to_array(i) for i in model.proto.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in onnx.load(smoothed).graph.initializer}
+    changed = [n for n in before if not np.array_equal(before[n], after[n])]
+    assert len(changed) >= len([n for n in plan.alpha if n not in plan.float_kept])
+    # s multiplies a weight row and divides its source: the same product, rounded once more each side in float32
+    assert np.abs(logits - reference).max() <= logit_bound(reference)
+
+
+def test_an_outlier_channel_is_absorbed_by_smoothing(fused, tmp_path):
+    """Channel c of layer 0's FFN made 256x larger (its `up` column ×256, its `down` row ÷256: the same function, in
+    float, up to rounding), as real LMs' `down_proj` inputs are: without smoothing the int8 estimate of that MatMul's
+    output blows up and it would stay float; with it, it is quantized."""
+    planted = tmp_path / "planted"
+    shutil.copytree(fused, planted)
+    proto = onnx.load(planted / "model.onnx")
+    weights = {i.name: i for i in proto.graph.initializer}
+    nodes = {n.name: n for n in proto.graph.node}
+    model = float_export(fused)
+    gate_up = weights[nodes["/layers.0/mlp/gate_up_proj/MatMul"].input[1]]
+    down = weights[nodes[DOWN].input[1]]
+    w_up, w_down = numpy_helper.to_array(gate_up).copy(), numpy_helper.to_array(down).copy()
+    c, ffn = 5, model.config.intermediate_size
+    w_up[:, ffn + c] *= 256
+    w_down[c] /= 256
+    gate_up.CopyFrom(numpy_helper.from_array(w_up, gate_up.name))
+    down.CopyFrom(numpy_helper.from_array(w_down, down.name))
+    onnx.save(proto, planted / "model.onnx")
+
+    smoothed_plan, _, _ = plan_of(planted, tmp_path / "a")
+    plain_plan, _, _ = plan_of(planted, tmp_path / "b", alpha=0)
+    assert plain_plan.error[DOWN] > smoothquant.FLOAT_ABOVE and DOWN in plain_plan.float_kept
+    assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.float_kept
+    assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
