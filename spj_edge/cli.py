@@ -221,10 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chart", metavar="PNG", help="also draw speed against size (and quality, with eval figures)")
     p.set_defaults(run=cmd_bench)
 
-    p = verbs.add_parser("demo", help="the whole path on ../shared/data, with a report")
-    p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present)")
+    p = verbs.add_parser("demo", help="the whole path on ../shared/data, then SmolLM2 from ../shared/models to a "
+                                     "chat reply, with a report")
+    p.add_argument("--data", help="a directory laid out like ../shared/data (default: ../shared/data if present); "
+                                  "the GGUF comes from the models/ folder beside it")
     p.add_argument("--out", help="default: runs/demo, or runs/demo-quick with --quick")
-    p.add_argument("--quick", action="store_true", help="tiny models, the same path: about 1 min on 2 cores")
+    p.add_argument("--quick", action="store_true", help="tiny models, the same path, and no pretrained SmolLM2 "
+                                                         "stage: about 1 min on 2 cores")
     p.add_argument("--overwrite", action="store_true", help="fill --out even if it holds a finished run of the other "
                                                             "mode (never a folder spj-edge did not write)")
     p.set_defaults(run=cmd_demo)

@@ -4,7 +4,10 @@ tokenizer → teacher (tinyshakespeare and the UD dev sets of five languages) �
 logits → the student pruned (half its FFN channels, a third of its query heads) and recovered by distillation →
 ONNX at opset 17 (fused graph, verified against PyTorch) → static int8 calibrated on the UD dev sets and gated on
 held-out text → package → eval and bench of every stage on held-out text → sample text from the package through
-spj_edge.runtime (onnxruntime, numpy, tokenizers: what a Raspberry Pi runs).
+spj_edge.runtime (onnxruntime, numpy, tokenizers: what a Raspberry Pi runs). Then, full mode only, the same path from
+import on for a real pretrained model, SmolLM2-135M-Instruct from ../shared/models (beside the data), ending in one
+chat reply from its int8 package: what our small models cannot show (the gate and the speed on a model people use, and
+an answer that makes sense). Without that file the demo says so in REPORT.md and leaves the stage out.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .config import load_preset
 from .distill import distill
 from .errors import SPJError
 from .export import export
+from .import_gguf import import_gguf
 from .options import BenchOptions, EvalOptions, PruneOptions, QuantizeOptions, TrainOptions
 from .outputs import claim_output_dir, write_json, write_text
 from .package import package
@@ -81,6 +85,21 @@ def find_data(data: str | Path | None) -> Path:
     raise SPJError(f"{where}: no demo data: {DATA_HELP}")
 
 
+PRETRAINED = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+PRETRAINED_STEPS = ("import", "export", "quantize", "package", "chat")
+
+
+def find_pretrained(quick: bool, models: Path) -> tuple[Path | None, str | None]:
+    """The GGUF the pretrained stage imports from `models` (../shared/models, beside ../shared/data), or None and the
+    reason the demo leaves the stage out. It is read where it lies, never copied into the repository."""
+    if quick:
+        return None, "--quick leaves it out (import, export and quantize of a 135M model take minutes)"
+    if not (models / PRETRAINED).is_file():
+        return None, f"{models / PRETRAINED}: not found, so this demo left the stage out"
+    return models / PRETRAINED, None
+
+
 def default_out(quick: bool) -> Path:
     return Path("runs/demo-quick" if quick else "runs/demo")
 
@@ -106,6 +125,7 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
     plan = QUICK if quick else FULL
     out = default_out(quick) if out is None else Path(out)
     root = find_data(data)
+    gguf, skipped = find_pretrained(quick, root.resolve().parent / "models")
     refuse_other_run(out, quick, overwrite)
     claim_output_dir(out, [root], overwrite=True)  # even with --overwrite, never a folder that spj-edge did not write
     corpus = root / "corpus"
@@ -125,7 +145,8 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
         Stage("int8", out / "int8", "onnx-fp32", "static int8, calibrated"),
         Stage("package", out / "dist" / "model.spj", "int8", "int8 through spj_edge.runtime"),
     ]
-    total = 1 + 2 * len(stages) + 2  # the tokenizer, each stage built then evaluated, the bench, the samples
+    # the tokenizer, each stage built then evaluated, the bench, the samples, and the pretrained model's steps
+    total = 1 + 2 * len(stages) + 2 + (len(PRETRAINED_STEPS) if gguf else 0)
 
     def timed(name: str, action):
         print(f"demo: stage {len(seconds) + 1} of {total}: {name}", file=sys.stderr, flush=True)
@@ -176,6 +197,9 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
                                               seed=0)
         for lang, prompt in PROMPTS.items()})
 
+    pretrained = ({"skipped": skipped} if gguf is None else
+                  run_pretrained(gguf, out / "smollm2", calib_files, held_out, timed, seconds))
+
     rows = {s.name: table_row(s, evals[s.name], speed["models"][s.name], heldout) for s in stages}
     report = {"stage": "demo", "quick": quick, "data": str(root), "elapsed_s": round(time.perf_counter() - started, 1),
               "files": {"train": list(map(str, train_files)), "calibration": list(map(str, calib_files)),
@@ -188,14 +212,43 @@ def run_demo(data: str | Path | None, out: Path | None = None, quick: bool = Fal
               "bench": {"machine": speed["machine"], "settings": speed["settings"],
                         "models": {name: {"roofline_warning": row.get("roofline_warning")}
                                    for name, row in speed["models"].items()}},
-              "eval_settings": evals["teacher"]["settings"], "samples": samples}
+              "eval_settings": evals["teacher"]["settings"], "samples": samples, "pretrained": pretrained}
     write_json(out / "report.json", report)
     write_text(out / "REPORT.md", markdown_report(report, out, stages, evals))
     for lang, text in samples.items():
         print(f"--- {lang} ---\n{text}\n")
+    if "reply" in pretrained:
+        print(f"--- SmolLM2-135M-Instruct, int8 ---\n> {CHAT[0]['content']}\n{pretrained['reply']}\n")
     print_table(f"demo: {out} ({report['elapsed_s']:.0f} s); the full report: {out / 'REPORT.md'}", COLUMNS,
                 [(name, *(format_cell(key, row[key]) for key in KEYS)) for name, row in rows.items()])
     return report
+
+
+def run_pretrained(gguf: Path, out: Path, calib: list[Path], held_out: list[Path], timed, seconds: dict) -> dict:
+    """import → export → quantize (the defaults: static int8, calibrated and gated as the demo's own) → package → one
+    greedy chat reply through spj_edge.runtime, each step timed as a demo stage; the figures REPORT.md shows."""
+    steps = dict(zip(PRETRAINED_STEPS, (f"smollm2 {step}" for step in PRETRAINED_STEPS)))
+    timed(steps["import"], lambda: import_gguf(gguf, out / "checkpoint", overwrite=True))
+    timed(steps["export"], lambda: export(out / "checkpoint", out / "onnx-fp32", opset=17, overwrite=True))
+    int8 = timed(steps["quantize"], lambda: quantize(out / "onnx-fp32", out / "int8", calib=calib, eval_data=held_out,
+                                                     overwrite=True))
+    timed(steps["package"], lambda: package(out / "int8", out / "dist" / "model.spj", overwrite=True))
+    device = Generator.load(out / "dist" / "model.spj")
+    reply = timed(steps["chat"], lambda: device.chat(CHAT, temperature=0))
+    best = int8["speed"][f"threads_{int8['best_threads']}"]
+    return {"gguf": str(gguf), "folder": str(out), "seconds": {step: seconds[name] for step, name in steps.items()},
+            "file_bytes": int8["file_bytes"],
+            "gate": {k: int8["gate"][k] for k in ("bits_per_byte_float", "bits_per_byte", "bits_per_byte_increase",
+                                                   "top1_agreement_confident", "confident_share", "top1_agreement",
+                                                   "kl", "passed")},
+            "matmuls": len(int8["quantized"]) + len(kept_in_float(int8)), "kept_in_float": kept_in_float(int8),
+            "decode_tokens_per_s": {mode: best[mode]["decode_tokens_per_s"] for mode in ("float32", "static")},
+            "decode_threads": int8["best_threads"], "prompt": CHAT[0]["content"], "reply": reply}
+
+
+def kept_in_float(quantize_report: dict) -> dict[str, str]:
+    """The weight MatMuls quantize kept in float, with its reason for each (its other exclusions name no node)."""
+    return {name: why for name, why in quantize_report["excluded"].items() if name.startswith("/")}
 
 
 KEYS = ("parameters", "file_mb", *HELDOUT, "agreement", "vs", "bleu", "rougeL", "meteor", "decode_tokens_per_s",
@@ -267,6 +320,7 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         f"Static int8 against the float32 export, on held-out text: top-1 agreement {gate['top1_agreement']:.1%}, "
         f"bits per byte {gate['bits_per_byte_float']:.4f} → {gate['bits_per_byte']:.4f} "
         f"({gate['bits_per_byte_increase']:+.2%}).",
+        *pretrained_section(report["pretrained"]),
         "## Continuations against the parent stage",
         "The same metrics with the parent stage's greedy continuation as the reference: how much of the parent's "
         "behaviour each stage keeps.",
@@ -281,6 +335,35 @@ def markdown_report(report: dict, out: Path, stages: list[Stage], evals: dict[st
         "```sh\n" + reproduce(report, out) + "\n```",
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def pretrained_section(pretrained: dict) -> list[str]:
+    """REPORT.md's part on SmolLM2: its figures, or the one line that says why the demo left it out."""
+    heading = "## A pretrained model: SmolLM2-135M-Instruct"
+    if "skipped" in pretrained:
+        return [heading, f"Not run: {pretrained['skipped']}."]
+    seconds, sizes, gate = pretrained["seconds"], pretrained["file_bytes"], pretrained["gate"]
+    speed, threads = pretrained["decode_tokens_per_s"], pretrained["decode_threads"]
+    return [
+        heading,
+        f"`{pretrained['gguf']}` through `import`, `export` (opset 17), `quantize` (static int8, default options, "
+        "calibrated and gated on the files above) and `package`, then one greedy chat reply from the package through "
+        f"`spj_edge.runtime`; everything is in `{pretrained['folder']}`.",
+        markdown_table(["step", *PRETRAINED_STEPS], [["seconds", *(f"{seconds[s]:.0f}" for s in PRETRAINED_STEPS)]]),
+        markdown_table(["", "float32", "static int8"], [
+            ["file MB", f"{sizes['float32'] / 1e6:.0f}", f"{sizes['static'] / 1e6:.0f} "
+                                                          f"({sizes['static'] / sizes['float32']:.0%})"],
+            ["bits per byte", f"{gate['bits_per_byte_float']:.4f}",
+             f"{gate['bits_per_byte']:.4f} ({gate['bits_per_byte_increase']:+.2%})"],
+            [f"decode tok/s ({threads} thread{'s' if threads > 1 else ''})", f"{speed['float32']:.0f}",
+             f"{speed['static']:.0f}"]]),
+        f"Top-1 agreement with float32 where it is confident ({gate['confident_share']:.0%} of the positions): "
+        f"{gate['top1_agreement_confident']:.2%}; overall {gate['top1_agreement']:.2%}; KL(float32 ‖ int8) "
+        f"{gate['kl']:.4f} nats a token. {len(pretrained['kept_in_float'])} of {pretrained['matmuls']} weight MatMuls "
+        "stayed float:",
+        "\n".join(f"- `{name}`: {why}" for name, why in pretrained["kept_in_float"].items()) or "- none",
+        f"**{pretrained['prompt']}**\n\n```text\n{pretrained['reply']}\n```",
+    ]
 
 
 def reproduce(report: dict, out: Path) -> str:

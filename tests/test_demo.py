@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED_DATA, assert_one_line_error, run_cli
-from spj_edge.demo import COLUMNS, HELDOUT, PROMPTS
+from smollm2 import GGUF
+from spj_edge.demo import COLUMNS, HELDOUT, PRETRAINED_STEPS, PROMPTS, find_pretrained, pretrained_section
 from spj_edge.runtime import Generator
 
 STAGES = ["teacher", "student", "pruned", "pruned-recovered", "onnx-fp32", "int8", "package"]
@@ -55,6 +56,8 @@ def test_quick_demo_runs_every_stage_and_reports_each(tmp_path):
     assert all(text.startswith(PROMPTS[lang]) and len(text) > len(PROMPTS[lang])
                for lang, text in report["samples"].items())
     assert Generator.load(out / "dist" / "model.spj").manifest["quantization"]["mode"] == "static"
+    assert "--quick" in report["pretrained"]["skipped"] and not any("smollm2" in name for name in report["seconds"])
+    assert f"Not run: {report['pretrained']['skipped']}." in markdown
 
 
 def test_demo_refuses_to_replace_another_mode_or_a_foreign_directory(tmp_path):
@@ -76,3 +79,28 @@ def test_demo_without_data_says_how_to_get_some(tmp_path):
     result = run_cli("demo", "--quick", "--data", tmp_path / "nothing", "--out", tmp_path / "out")
     assert_one_line_error(result, str(tmp_path / "nothing"), "no demo data", "corpus/tinyshakespeare", "--data DIR")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_full_demo_finds_the_pretrained_model_beside_the_data_or_says_why_not(tmp_path):
+    assert find_pretrained(False, SHARED_DATA.parent / "models") == (GGUF, None)
+    missing, why = find_pretrained(False, tmp_path)
+    assert missing is None and str(tmp_path / GGUF.name) in why and "not found" in why
+    quick, why = find_pretrained(True, GGUF.parent)
+    assert quick is None and "--quick" in why
+
+
+def test_the_report_shows_the_pretrained_figures_or_one_line_why_not():
+    assert pretrained_section({"skipped": "--quick leaves it out"})[1:] == ["Not run: --quick leaves it out."]
+    kept = {"/lm_head/MatMul": "the LM head stays float"}
+    ran = {"gguf": str(GGUF), "folder": "runs/demo/smollm2", "seconds": dict.fromkeys(PRETRAINED_STEPS, 12.0),
+           "file_bytes": {"float32": 654e6, "static": 256e6},
+           "gate": {"bits_per_byte_float": 1.0, "bits_per_byte": 1.0023, "bits_per_byte_increase": 0.0023,
+                    "top1_agreement_confident": 0.9992, "confident_share": 0.6, "top1_agreement": 0.98, "kl": 0.01,
+                    "passed": True},
+           "matmuls": 121, "kept_in_float": kept, "decode_tokens_per_s": {"float32": 31.0, "static": 47.0},
+           "decode_threads": 2, "prompt": "What is the capital of France?", "reply": "Paris."}
+    markdown = "\n\n".join(pretrained_section(ran))
+    for fragment in ("| file MB | 654 | 256 (39%) |", "1.0023 (+0.23%)", "| decode tok/s (2 threads) | 31 | 47 |",
+                     "99.92%", "1 of 121 weight MatMuls", "- `/lm_head/MatMul`: the LM head stays float",
+                     "```text\nParis.\n```", "| seconds | 12 | 12 | 12 | 12 | 12 |"):
+        assert fragment in markdown, fragment

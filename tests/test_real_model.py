@@ -1,0 +1,105 @@
+"""The real model end to end: SmolLM2-135M-Instruct (../shared/models, Q4_1) through import → export → quantize with
+the default options → package, held to what a user of a pretrained model needs from static int8: the gate passes
+by a margin, every MatMul left in float is named with its reason, the file shrinks, the text it scores in each
+language costs about what float32's does, and the packaged model still answers a question and stops where the chat
+template says a reply ends.
+
+One pass of the pipeline is shared by the module (about 5 minutes on 2 quiet cores, most of it quantize); the
+time of each step is printed (`pytest -s`).
+"""
+import time
+
+import pytest
+
+from conftest import SHAKESPEARE, UD
+from smollm2 import CONVERSATION, GGUF, IM_END
+from spj_edge import evaluate as ev
+from spj_edge.export import export
+from spj_edge.import_gguf import import_gguf
+from spj_edge.options import EvalOptions, QuantizeOptions
+from spj_edge.package import package
+from spj_edge.quantize import quantize
+from spj_edge.runtime import Generator
+
+pytestmark = pytest.mark.slow
+
+CALIB = sorted(UD.glob("*_dev.txt"))
+HELDOUT = [SHAKESPEARE / "val.txt", *sorted(UD.glob("*_test.txt"))]
+MAX_NEW_TOKENS = 64  # "The capital of France is Paris." is 8 tokens: a reply that reaches 64 did not stop
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The directories and reports of import, export and the default static int8 quantize, each step timed."""
+    assert len(CALIB) == 5 and len(HELDOUT) == 6, "the UD dev and test sets of five languages, and val.txt"
+    root = tmp_path_factory.mktemp("smollm2")
+    steps = {"import": lambda: import_gguf(GGUF, root / "checkpoint"),
+             "export": lambda: export(root / "checkpoint", root / "onnx", opset=17),
+             # the default recipe; only the float-against-int8 timing is left out (minutes, and nothing here reads it)
+             "quantize": lambda: quantize(root / "onnx", root / "int8", calib=CALIB, eval_data=HELDOUT,
+                                          options=QuantizeOptions(measure=False))}
+    reports = {}
+    for name, step in steps.items():
+        started = time.perf_counter()
+        reports[name] = step()
+        print(f"smollm2 {name}: {time.perf_counter() - started:.0f} s")
+    return root, reports
+
+
+def test_the_export_passes_its_verification(pipeline):
+    checks = pipeline[1]["export"]["checks"]
+    assert checks["tolerances"], "the export compared logits against PyTorch"
+    for check, tolerance in checks["tolerances"].items():
+        assert checks[f"{check}_max_abs_diff"] <= tolerance, check
+    assert checks["greedy_identical"]
+
+
+def test_default_static_int8_passes_its_gate_by_a_margin(pipeline):
+    report = pipeline[1]["quantize"]
+    gate = report["gate"]
+    assert report["mode"] == "static" and gate["passed"] and not gate["failures"]
+    assert gate["bits_per_byte_increase"] <= 0.01, gate
+    assert gate["top1_agreement_confident"] >= 0.97, gate
+
+
+def test_every_matmul_kept_in_float_is_named_with_its_reason(pipeline):
+    report = pipeline[1]["quantize"]
+    kept = {name: why for name, why in report["excluded"].items() if name.startswith("/")}
+    assert all(isinstance(why, str) and why.strip() for why in kept.values()), kept
+    assert sorted(report["executed"]["float_weight_matmuls"]) == sorted(kept), "what runs in float is what it says"
+    assert not set(kept) & set(report["quantized"])
+    assert report["executed"]["integer_ops"], "some MatMuls run on integer kernels"
+
+
+def test_the_int8_file_is_under_45_percent_of_float32(pipeline):
+    sizes = pipeline[1]["quantize"]["file_bytes"]
+    assert sizes["static"] < 0.45 * sizes["float32"], sizes
+
+
+@pytest.fixture(scope="module")
+def bits_per_byte(pipeline):
+    """Bits per byte of float32 and int8 on each held-out file, on the same windows (evaluate's figures)."""
+    root = pipeline[0]
+    texts = {path: path.read_text(encoding="utf-8") for path in HELDOUT}
+    options = EvalOptions(windows=8, prompts=0)  # scoring only: the gate already compared greedy choices
+    return {name: {path: result.figures.bits_per_byte
+                   for path, result in ev.run(ev.scorer(root / name), texts, options, f"eval {name}").items()}
+            for name in ("onnx", "int8")}
+
+
+@pytest.mark.parametrize("path", HELDOUT, ids=lambda p: p.stem)
+def test_int8_bits_per_byte_is_within_2_percent_of_float32_on_each_language(bits_per_byte, path):
+    float32, int8 = bits_per_byte["onnx"][path], bits_per_byte["int8"][path]
+    assert abs(int8 / float32 - 1) <= 0.02, (path.name, float32, int8)
+
+
+def test_the_int8_package_answers_and_stops_at_im_end(pipeline, tmp_path):
+    package(pipeline[0] / "int8", tmp_path / "model.spj")
+    generator = Generator.load(tmp_path / "model.spj")
+    reply = generator.chat(CONVERSATION, temperature=0, max_new_tokens=MAX_NEW_TOKENS)
+    assert "Paris" in reply, reply
+    prompt = generator.encode_chat(CONVERSATION)
+    ids = list(generator.tokens(prompt, temperature=0, max_new_tokens=MAX_NEW_TOKENS))
+    assert len(ids) < MAX_NEW_TOKENS, "stopped by an end-of-generation id, not by max_new_tokens"
+    # the id it stopped at, which `tokens` does not yield: <|im_end|>, the template's end of a turn
+    assert list(generator.tokens(prompt + ids, temperature=0, max_new_tokens=1, ignore_eos=True)) == [IM_END]
