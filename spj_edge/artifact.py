@@ -120,17 +120,27 @@ class CheckpointArtifact:
 
 @dataclass
 class ExportArtifact:
+    """Its graph is read when first asked for, as bytes or parsed: a real model's graph is hundreds of megabytes,
+    and the stages that only run it give onnxruntime its path."""
     kind = "onnx"
     path: Path
-    graph: bytes  # model.onnx, as read
 
     @property
     def graph_path(self) -> Path:
         return self.path / GRAPH
 
     @cached_property
+    def graph(self) -> bytes:
+        return _read_graph(self.graph_path)
+
+    @cached_property
     def proto(self) -> onnx.ModelProto:
-        return parse_onnx(self.graph, self.graph_path)
+        return parse_onnx(self.graph if "graph" in self.__dict__ else _read_graph(self.graph_path), self.graph_path)
+
+    def forget_graph(self) -> None:
+        """Let go of the graph's bytes and parse (a real model's weights, twice); they are read again if asked for."""
+        self.__dict__.pop("graph", None)
+        self.__dict__.pop("proto", None)
 
     @cached_property
     def metadata(self) -> dict[str, str]:
@@ -160,7 +170,7 @@ class ExportArtifact:
 
     @property
     def file_bytes(self) -> int:
-        return len(self.graph)
+        return self.graph_path.stat().st_size
 
     def check_contract(self, input_names: list[str]) -> None:
         """Refuse a graph whose inputs are not the ONNX contract's for this config: a foreign model, or another's."""
@@ -216,21 +226,27 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointArtifact:
                                                                 source=str(directory / CONFIG)))
 
 
+def _read_graph(graph_path: Path, size: int = -1) -> bytes:
+    try:
+        with open(graph_path, "rb") as f:
+            graph = f.read(size)
+    except OSError as e:
+        raise SPJError(f"{graph_path}: cannot read ({e.strerror})") from None
+    if not graph:  # protobuf parses zero bytes as an empty model, which would fail later and less clearly
+        raise SPJError(f"{graph_path}: empty file (0 bytes), expected an ONNX model")
+    return graph
+
+
 def open_export(path: str | os.PathLike) -> ExportArtifact:
-    """An export or quantize output directory; its graph is read now, parsed when first asked for."""
+    """An export or quantize output directory: its graph checked readable and not empty now, read when used."""
     directory = Path(path)
     graph_path = directory / GRAPH
     if directory.is_file():
         raise SPJError(f"{directory}: expected an export directory (holding model.onnx), found a file")
     if not graph_path.is_file():
         raise SPJError(f"{graph_path}: no such file (expected the output of `spj-edge export`)")
-    try:
-        graph = graph_path.read_bytes()
-    except OSError as e:
-        raise SPJError(f"{graph_path}: cannot read ({e.strerror})") from None
-    if not graph:  # protobuf parses zero bytes as an empty model, which would fail later and less clearly
-        raise SPJError(f"{graph_path}: empty file (0 bytes), expected an ONNX model")
-    return ExportArtifact(directory, graph)
+    _read_graph(graph_path, size=1)
+    return ExportArtifact(directory)
 
 
 def open_package(path: str | os.PathLike) -> PackageArtifact:

@@ -15,14 +15,17 @@ from . import contract
 
 class OnnxLM:
     def __init__(self, model: bytes | str | Path, config, threads: int = 0):
-        """`config` is an SPJConfig (or anything with its shape fields); threads 0 is onnxruntime's default."""
+        """`config` is an SPJConfig (or anything with its shape fields); threads 0 is onnxruntime's default. A graph
+        may have more outputs than the contract's (the quantizer's statistics read intermediate tensors): steps
+        return the contract's."""
         self.config = config
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3  # the quantized graphs' "hardware specific optimization" notices
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        layers = range(config.num_hidden_layers)
+        self.output_names = ["logits", *(contract.present_name(i, kind) for i in layers for kind in ("key", "value"))]
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         c = self.config

@@ -40,7 +40,7 @@ from .artifact import ExportArtifact, open_export, read_json
 from .data import calibration_split, read_texts, spaced_windows, tokenize_corpus
 from .errors import SPJError
 from .metrics import SCORED_WINDOW, Figures, figures, top1_agreement
-from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, CALIBRATIONS, QuantizeOptions
+from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, QuantizeOptions
 from .onnx_lm import OnnxLM, measure_speed
 from .outputs import check_output, scratch_dir, staged_dir, write_json
 from .tables import print_summary
@@ -151,29 +151,47 @@ CONFIDENT_MARGIN = 1.0  # logits: where the float model's first choice leads its
 
 
 @dataclass
+class Reference:
+    """What the gate needs of the float model on the held-out windows, computed once, so that its session can be
+    closed before onnxruntime's quantizer loads the model again: its figures, where it is confident, and its
+    log-probabilities (float16: 24 windows of a 49,152-word vocabulary are 300 MB so)."""
+    figures: Figures
+    confident: np.ndarray  # per scored position: top-1 leads top-2 by CONFIDENT_MARGIN or more
+    log_probs: list[np.ndarray]
+
+    @classmethod
+    def of(cls, float_lm: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray) -> Reference:
+        logits = [float_lm.window_logits(window) for window in windows]
+        confident, log_probs = [], []
+        for i, window_logits in enumerate(logits):
+            scored = window_logits[:-1]  # the positions `figures` scores: all but the last
+            top2 = np.partition(scored, -2, axis=-1)[:, -2:]
+            confident.append(top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN)
+            log_probs.append(_log_softmax(scored).astype(np.float16))
+        return cls(figures(zip(windows, logits), byte_lengths), np.concatenate(confident), log_probs)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    return x - np.logaddexp.reduce(x, -1, keepdims=True)
+
+
+@dataclass
 class Comparison:
     """The quantized model against the float one on the same held-out windows."""
     reference: Figures
     candidate: Figures
-    confident: np.ndarray  # per position: the float model's top-1 leads its top-2 by CONFIDENT_MARGIN or more
+    confident: np.ndarray
     kl: float  # mean KL(float ‖ quantized) per position, nats
 
 
-def compare(reference: OnnxLM, candidate: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray) -> Comparison:
-    """Both models window by window (the float logits are recomputed rather than held: 24 windows of a 49,152-word
-    vocabulary would be 600 MB)."""
-    pairs, confident, kl = [], [], []
-    for window in windows:
-        ref, cand = reference.window_logits(window), candidate.window_logits(window)
-        pairs.append((window, ref, cand))
-        top2 = np.partition(ref[:-1], -2, axis=-1)[:, -2:]  # the positions `figures` scores: all but the last
-        confident.append(top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN)
-        log_p, log_q = (x.astype(np.float64) - np.logaddexp.reduce(x.astype(np.float64), -1, keepdims=True)
-                        for x in (ref[:-1], cand[:-1]))
-        kl.append((np.exp(log_p) * (log_p - log_q)).sum(-1))
-    return Comparison(figures(((w, r) for w, r, _ in pairs), byte_lengths),
-                      figures(((w, c) for w, _, c in pairs), byte_lengths),
-                      np.concatenate(confident), float(np.concatenate(kl).mean()))
+def compare(reference: Reference, candidate: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray
+            ) -> Comparison:
+    logits = [candidate.window_logits(window) for window in windows]
+    kl = [(np.exp(p.astype(np.float64)) * (p - _log_softmax(c[:-1]))).sum(-1)
+          for p, c in zip(reference.log_probs, logits)]
+    return Comparison(reference.figures, figures(zip(windows, logits), byte_lengths), reference.confident,
+                      float(np.concatenate(kl).mean()))
 
 
 def gate_figures(comparison: Comparison) -> dict:
@@ -222,7 +240,7 @@ class Recipe:
         return self.options.mode
 
 
-def quantize_graph(source: Path, target: Path, float_model: ExportArtifact, recipe: Recipe, nodes: list[str],
+def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                    calibration: KVCacheCalibration | None, activation_ranges: Path | None) -> None:
     """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them").
     Static mode takes its activation ranges from `activation_ranges` (onnxruntime's own calibration cache format);
@@ -246,7 +264,7 @@ def quantize_graph(source: Path, target: Path, float_model: ExportArtifact, reci
                          weight_type=QUANT_TYPES[p.weight_type], extra_options={"MatMulConstBOnly": True})
     else:
         model = onnx.load(str(source))
-        excluded = [n for n in weight_matmuls(float_model.proto) if n not in nodes]
+        excluded = [n for n in weight_matmuls(model) if n not in nodes]
         quantizer = MatMulNBitsQuantizer(model, block_size=options.block_size, is_symmetric=True,
                                          accuracy_level=options.accuracy_level, nodes_to_exclude=excluded)
         quantizer.process()
@@ -283,6 +301,20 @@ def quantize_embedding(path: Path) -> bool:
         proto.graph.node.insert(index + offset, node)
     onnx.save(proto, str(path))
     return True
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime():
+    """One progress line per attempt and one summary, not onnxruntime's: importing its int4 quantizer sets the root
+    logger to INFO (hundreds of per-node lines), dynamic mode warns once per tensor that it has no parameters, and
+    the calibrators print progress on stdout."""
+    root, saved = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(saved)
 
 
 @contextlib.contextmanager
@@ -349,7 +381,6 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
         raise SPJError("no text given: pass --calib DIR (static mode calibrates on it; every mode measures its gate "
                        "on held-out text from it or from --eval)")
     recipe = Recipe.of(options)
-    logging.getLogger("onnxruntime.quantization.shape_inference").setLevel(logging.WARNING)
     model_dir = Path(model_dir)
     out = Path(out if out is not None else ("runs/int4" if options.mode == "int4" else "runs/int8"))
     check_output(out, [model_dir, *(calib or []), *(eval_data or [])], overwrite=overwrite)
@@ -360,10 +391,8 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
                        f"/layers.0/mlp/down_proj/MatMul)")
     started = time.perf_counter()
     calib_set, eval_set = prepare_text(float_model, calib or [], eval_data, options)
-    float_lm = OnnxLM(float_model.graph, float_model.config)
-    calibration = calibration_reader(float_lm, calib_set, recipe)
     with scratch_dir(out) as tmp, tempfiles_in(tmp):
-        outcome = gated_attempts(float_model, float_lm, eval_set, recipe, calibration, tmp)
+        outcome = gated_attempts(float_model, calib_set, eval_set, recipe, tmp)
         if outcome.failures and not options.force:
             raise SPJError(f"{options.mode} quantization failed the accuracy gate: {'; '.join(outcome.failures)}; "
                            "nothing written (--auto-exclude keeps the most sensitive layers in float, --force writes "
@@ -376,7 +405,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
             for threads in (1, 2):
                 speed[threads] = measure_speed({"float32": float_model.graph_path, options.mode: candidate},
                                                float_model.config, threads=threads)
-        report = build_report(model_dir, float_model, recipe, calibration, outcome, executed, speed, len(eval_set),
+        report = build_report(model_dir, float_model, recipe, len(calib_set), outcome, executed, speed, len(eval_set),
                               time.perf_counter() - started)
         with staged_dir(out) as staged:
             (staged / "model.onnx").write_bytes(candidate.read_bytes())
@@ -407,7 +436,51 @@ def prepare_text(float_model: ExportArtifact, calib: list, eval_data: list | Non
     if len(calib_set) < min(4, options.calib_samples):
         raise SPJError(f"{', '.join(map(str, calib)) or 'no --calib'}: too little text to calibrate "
                        f"({len(calib_stream)} tokens; need {4 * (PREFILL + DECODE)} or more)")
-    return calib_set, eval_set
+    return calib_set + chat_windows(tokenizer, calib, min(PREFILL + DECODE, context), options.calib_samples // 4), eval_set
+
+
+def chat_windows(tokenizer, calib: list, length: int, count: int) -> list[np.ndarray]:
+    """Calibration in the model's own chat format, where it has one: conversations (a user turn and a reply, from the
+    first half of the --calib files, the part no stage holds out) as its template renders them. Its special tokens
+    and system prompt have activations plain text never shows, and ranges that leave them out send a chat astray
+    (SmolLM2-135M answered "What is the capital of France?" with "L'Étoile, la maire, ..." until these were in)."""
+    if tokenizer.chat_template is None or count == 0:
+        return []
+    paragraphs = [p.strip() for text in read_texts(calib).values()
+                  for p in text[:len(text) // 2].split("\n\n") if p.strip()]
+    picks = np.linspace(0, len(paragraphs) - 2, num=min(count, max(len(paragraphs) - 1, 0))).astype(int)
+    windows = []
+    for i in np.unique(picks):
+        ids = tokenizer.encode_chat([{"role": "user", "content": paragraphs[i]},
+                                     {"role": "assistant", "content": paragraphs[i + 1]}], context=1 << 20,
+                                    add_generation_prompt=False)
+        if len(ids) >= length:
+            windows.append(np.array(ids[:length], np.int64))
+    return windows
+
+
+def statistics_inputs(recipe: Recipe, proto: onnx.ModelProto) -> list[str]:
+    """The tensors static mode's statistics read: every weight MatMul's input."""
+    if recipe.mode != "static" or recipe.options.op_types != ("MatMul",):
+        return []
+    matmuls = set(weight_matmuls(proto))
+    return list(dict.fromkeys(n.input[0] for n in proto.graph.node if n.name in matmuls))
+
+
+def float_reference(float_model: ExportArtifact, recipe: Recipe, tmp: Path) -> OnnxLM:
+    """The float model that calibration, the statistics and the gate all run: one onnxruntime session, so that a real
+    model's weights are not held in a second one. In static mode its graph also
+    outputs the tensors the statistics read (added to the parsed graph and taken off again: a copy of the graph would
+    be another copy of the weights)."""
+    outputs = float_model.proto.graph.output
+    contract_outputs, path = len(outputs), float_model.graph_path
+    inputs = statistics_inputs(recipe, float_model.proto)
+    if inputs:
+        outputs.extend(onnx.ValueInfoProto(name=t) for t in inputs)
+        path = tmp / "float_with_statistics.onnx"
+        onnx.save(float_model.proto, str(path))
+        del outputs[contract_outputs:]
+    return OnnxLM(path, float_model.config)
 
 
 def calibration_reader(float_lm: OnnxLM, calib_set: list[np.ndarray], recipe: Recipe) -> KVCacheCalibration | None:
@@ -422,6 +495,7 @@ class Outcome:
     figures: dict
     failures: list[str]
     excluded: dict[str, str]  # node → why
+    quantized: list[str]
     plan: smoothquant.Plan | None  # static mode: smoothing per MatMul, estimated errors
 
 
@@ -430,16 +504,15 @@ def static_plan(float_model: ExportArtifact, calibration: KVCacheCalibration, re
     """One pass of the float model over the calibration feeds gives every weight MatMul's input statistics; they
     decide the smoothing and what stays float (smoothquant.py). Returns the plan, the smoothed graph and the
     activation ranges as onnxruntime's calibration cache."""
+    inputs = statistics_inputs(recipe, float_model.proto)
+    session = calibration.float_lm.session  # float_reference's, which outputs them
+    calibration.rewind()
+    statistics = smoothquant.ActivationStatistics.collect(
+        (dict(zip(inputs, session.run(inputs, feed))) for feed in iter(calibration.get_next, None)), inputs,
+        tokens=sum(len(window) for window, _ in calibration.samples))
     proto = onnx.ModelProto()
     proto.CopyFrom(float_model.proto)
     nodes = {n.name: n for n in proto.graph.node}
-    inputs = list(dict.fromkeys(nodes[m].input[0] for m in matmuls))
-    exposed = exposing(proto, inputs, float_model.config)
-    calibration.rewind()
-    statistics = smoothquant.ActivationStatistics.collect(
-        (dict(zip(inputs, exposed.session.run(inputs, feed))) for feed in iter(calibration.get_next, None)), inputs,
-        tokens=sum(len(window) for window, _ in calibration.samples))
-    del exposed  # a second copy of the model's weights
     found = smoothquant.folds(proto, float_model.config)
     plan = smoothquant.plan(proto, statistics, found, matmuls, recipe.options.smoothquant)
     scales = smoothquant.apply(proto, statistics, found, plan)
@@ -456,8 +529,8 @@ def static_plan(float_model: ExportArtifact, calibration: KVCacheCalibration, re
     return plan, smoothed, cache
 
 
-def gated_attempts(float_model: ExportArtifact, float_lm: OnnxLM, eval_set: list[np.ndarray], recipe: Recipe,
-                   calibration: KVCacheCalibration | None, tmp: Path) -> Outcome:
+def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eval_set: list[np.ndarray],
+                   recipe: Recipe, tmp: Path) -> Outcome:
     """Quantize and measure the gate. Static mode first smooths and keeps in float what its calibration statistics
     say int8 would break. While the gate fails: an int4 LM head goes back to float, then (--auto-exclude) the MatMuls
     whose outputs moved most in one forward pass, doubling their number each time. Each attempt prints its figures."""
@@ -465,11 +538,18 @@ def gated_attempts(float_model: ExportArtifact, float_lm: OnnxLM, eval_set: list
     byte_lengths = token_byte_lengths(float_model.tokenizer, cfg.vocab_size)
     matmuls = weight_matmuls(float_model.proto)
     prepared, source, plan, activation_ranges = tmp / "prepared.onnx", float_model.graph_path, None, None
+    float_lm = float_reference(float_model, recipe, tmp)
+    reference = Reference.of(float_lm, eval_set, byte_lengths)
+    calibration = calibration_reader(float_lm, calib_set, recipe)
     if recipe.mode == "static" and options.op_types == ("MatMul",):
         plan, source, activation_ranges = static_plan(float_model, calibration, recipe, matmuls, tmp)
+        calibration = None  # the ranges are in the cache: the float session's memory goes back before quantizing
+    del float_lm
+    float_model.forget_graph()  # the parsed graph too; what follows reads files
     # onnx's own shape inference suffices (the fused graph declares its contrib ops' outputs); ORT's symbolic
     # inference gives up on traced graphs, leaving a temporary model in the working directory as it does.
-    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    with quiet_onnxruntime():
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
     candidate = tmp / "model.onnx"
     attempts = 0
 
@@ -477,11 +557,12 @@ def gated_attempts(float_model: ExportArtifact, float_lm: OnnxLM, eval_set: list
         nonlocal attempts
         nodes = [n for n in matmuls if n not in excluded]
         if nodes:
-            quantize_graph(prepared, candidate, float_model, recipe, nodes, calibration, activation_ranges)
+            with quiet_onnxruntime():
+                quantize_graph(prepared, candidate, recipe, nodes, calibration, activation_ranges)
         else:  # nothing left to quantize but the embedding: onnxruntime would read an empty list as "everything"
             shutil.copyfile(prepared, candidate)
         quantize_embedding(candidate)
-        figures = gate_figures(compare(float_lm, OnnxLM(candidate, cfg), eval_set, byte_lengths))
+        figures = gate_figures(compare(reference, OnnxLM(candidate, cfg), eval_set, byte_lengths))
         failures = gate_failures(figures, options.max_bpb_increase, options.min_agreement)
         attempts += 1
         tqdm.write(f"quantize: attempt {attempts}: {len(nodes)} of {len(matmuls)} MatMuls in {recipe.mode}, bits per "
@@ -489,7 +570,7 @@ def gated_attempts(float_model: ExportArtifact, float_lm: OnnxLM, eval_set: list
                    f"{figures['top1_agreement_confident']:.2%} where float32 is confident "
                    f"({figures['top1_agreement']:.2%} overall), KL {figures['kl']:.4f}: "
                    f"{'fails the gate' if failures else 'passes'}")
-        return Outcome(candidate, figures, failures, excluded, plan)
+        return Outcome(candidate, figures, failures, excluded, nodes, plan)
 
     outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **(plan.float_kept if plan else {})})
     if outcome.failures and options.mode == "int4" and "/lm_head/MatMul" not in outcome.excluded:
@@ -515,8 +596,8 @@ def stamp(path: Path, float_model: ExportArtifact, recipe: Recipe) -> None:
     onnx.save(quantized, str(path))
 
 
-def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe,
-                 calibration: KVCacheCalibration | None, outcome: Outcome, executed: dict, speed: dict,
+def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, calibration_samples: int,
+                 outcome: Outcome, executed: dict, speed: dict,
                  heldout_windows: int, elapsed_s: float) -> dict:
     options, profile, mode = recipe.options, recipe.profile, recipe.mode
     report = {
@@ -528,13 +609,12 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe,
                      "weight_type": "int4" if mode == "int4" else profile.weight_type,
                      "block_size": options.block_size if mode == "int4" else None,
                      "accuracy_level": options.accuracy_level if mode == "int4" else None,
-                     "calibration_samples": len(calibration.samples) if calibration is not None else 0,
+                     "calibration_samples": calibration_samples,
                      "smoothquant_alpha": "per MatMul, from the calibration statistics" if options.smoothquant is None
                      else options.smoothquant,
-                     "calibration_feeds": (f"per sample, a prefill of {calibration.prefill} tokens then "
-                                           f"{PREFILL + DECODE - calibration.prefill} cached decode steps"
-                                           if calibration is not None else None)},
-        "quantized": [n for n in weight_matmuls(float_model.proto) if n not in outcome.excluded],
+                     "calibration_feeds": (f"per sample, a prefill of {PREFILL} tokens then {DECODE} cached decode "
+                                           "steps" if calibration_samples else None)},
+        "quantized": outcome.quantized,
         "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded}
                       if outcome.plan else {}),
         "estimated_int8_error": ({n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),

@@ -84,6 +84,20 @@ def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
     assert_contract(tmp_path / mode / "model.onnx", float_export(exports / "fused").config)
 
 
+def test_onnxruntime_says_nothing_but_each_attempt_and_the_summary(exports, tmp_path):
+    """Issue 19.7: onnxruntime's int4 quantizer logged ~300 INFO lines (it sets the root logger to INFO) and dynamic
+    mode ~150 warnings through the same root logger; int4 stands for both."""
+    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", tmp_path / "int4", "--mode",
+                     "int4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines() if line.strip()]
+    attempts = [line for line in lines if line.startswith("quantize: attempt ")]
+    assert attempts and all(("passes" in line) == (line is attempts[-1]) for line in attempts)
+    assert not [line for line in lines if "[INFO]" in line or "Quantization parameters" in line or "WARNING" in line]
+    table = [line for line in lines if line.startswith(("│", "┌", "├", "└"))]
+    assert len(lines) - len(table) - len(attempts) <= 3, lines  # the title of the summary, and tqdm's bars
+
+
 def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
     """The naive recipe (all op types, so the attention scores and the mask path too, min/max calibration) on the
     plain graph."""

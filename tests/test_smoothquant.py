@@ -13,7 +13,8 @@ from spj_edge.data import calibration_split, spaced_windows
 from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
-from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, Recipe, float_export, static_plan, weight_matmuls
+from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, float_export, float_reference, static_plan,
+                               weight_matmuls)
 
 DOWN = "/layers.0/mlp/down_proj/MatMul"
 
@@ -25,17 +26,14 @@ def fused(nano_checkpoint, tmp_path_factory):
     return out
 
 
-def calibration(model):
-    stream, _ = calibration_split([UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"], model.tokenizer)
-    return KVCacheCalibration(OnnxLM(model.graph_path, model.config),
-                              spaced_windows(stream, PREFILL + DECODE, 8))
-
-
 def plan_of(directory, tmp_path, alpha=None):
     tmp_path.mkdir(exist_ok=True)
     model = float_export(directory)
     recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
-    return static_plan(model, calibration(model), recipe, weight_matmuls(model.proto), tmp_path)
+    stream, _ = calibration_split([UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"], model.tokenizer)
+    calibration = KVCacheCalibration(float_reference(model, recipe, tmp_path),
+                                     spaced_windows(stream, PREFILL + DECODE, 8))
+    return static_plan(model, calibration, recipe, weight_matmuls(model.proto), tmp_path)
 
 
 def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, tmp_path):
