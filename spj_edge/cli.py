@@ -43,7 +43,8 @@ def cmd_prune(args):
 def cmd_generate(args):
     from .generate import generate_text
 
-    generate_text(args.model, args.prompt, args.max_new_tokens, sampling_params(args), args.ignore_eos, sys.stdout)
+    chosen = {k: getattr(args, k) for k in SAMPLING_FLAGS if getattr(args, k) is not None}
+    generate_text(args.model, args.prompt, chosen, args.seed, args.ignore_eos, sys.stdout)
 
 
 def cmd_import(args):
@@ -91,13 +92,6 @@ def cmd_demo(args):
     run_demo(data=args.data, out=args.out, quick=args.quick, overwrite=args.overwrite)
 
 
-def sampling_params(args):
-    from .sampling import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=args.repetition_penalty, seed=args.seed)
-
-
 def add_training_flags(p: argparse.ArgumentParser):
     p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or directories (recursive)")
     p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text (default: a seeded split of --data)")
@@ -106,14 +100,21 @@ def add_training_flags(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser):
+    """Each unset flag takes the model's default (its generation_config.json), else sampling.GENERATION_DEFAULTS."""
     from .sampling import GENERATION_DEFAULTS as d
 
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"])
-    p.add_argument("--temperature", type=float, default=d["temperature"], help="0: greedy")
-    p.add_argument("--top-k", type=int, default=d["top_k"], help="0: no limit")
-    p.add_argument("--top-p", type=float, default=d["top_p"])
-    p.add_argument("--repetition-penalty", type=float, default=d["repetition_penalty"])
+    def default(name: str) -> str:
+        return f"default: the model's generation_config.json, else {d[name]}"
+
+    p.add_argument("--max-new-tokens", type=int, help=default("max_new_tokens"))
+    p.add_argument("--temperature", type=float, help=f"0: greedy ({default('temperature')})")
+    p.add_argument("--top-k", type=int, help=f"0: no limit ({default('top_k')})")
+    p.add_argument("--top-p", type=float, help=default("top_p"))
+    p.add_argument("--repetition-penalty", type=float, help=default("repetition_penalty"))
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
 

@@ -44,15 +44,21 @@ def generate(model: Transformer, tokenizer: Tokenizer | TextTokenizer, prompt: s
     return generate_ids(model, prompt_ids, max_new_tokens, sampler, eos)
 
 
-def generate_text(checkpoint: str, prompt: str, max_new_tokens: int, params: SamplingParams, ignore_eos: bool,
-                  stream: TextIO) -> str:
-    """The `spj-edge generate` verb: stream the continuation of `prompt` as it is produced, as the runtime does."""
+def generate_text(checkpoint: str, prompt: str, chosen: dict, seed: int | None, ignore_eos: bool, stream: TextIO
+                  ) -> str:
+    """The `spj-edge generate` verb: stream the continuation of `prompt` as it is produced, as the runtime does, with
+    the model's own sampling defaults (generation_config.json) where `chosen` (max_new_tokens, temperature, top_k,
+    top_p, repetition_penalty) names none."""
     from .checkpoint import load_checkpoint
     from .runtime.generator import text_pieces
 
     model, tokenizer = load_checkpoint(checkpoint)
+    settings = {**TextTokenizer.of(tokenizer).generation, **chosen}
+    params = SamplingParams(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
+                            repetition_penalty=settings["repetition_penalty"], seed=seed)
     pieces = []
-    for piece in text_pieces(tokenizer, generate(model, tokenizer, prompt, max_new_tokens, params, ignore_eos)):
+    for piece in text_pieces(tokenizer, generate(model, tokenizer, prompt, settings["max_new_tokens"], params,
+                                                 ignore_eos)):
         stream.write(piece)
         stream.flush()
         pieces.append(piece)

@@ -57,3 +57,20 @@ def test_generate_cli_is_deterministic_with_a_seed_and_refuses_long_prompts(nano
     assert bad.returncode == 2 and "top_p must be in (0, 1], got 2.0" in bad.stderr
     missing = run_cli("generate", "--model", nano_checkpoint.parent / "nope", "--prompt", "x")
     assert missing.returncode == 2 and "no such checkpoint directory" in missing.stderr
+
+
+def test_generate_cli_takes_the_models_sampling_defaults_unless_a_flag_is_given(nano_checkpoint, tmp_path):
+    """Issue 19.4: `spj-edge generate` read only its own defaults, never the model's generation_config.json."""
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(nano_checkpoint, model)
+    (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
+    as_configured = run_cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos")
+    greedy = run_cli("generate", "--model", nano_checkpoint, "--prompt", "ROMEO:", "--ignore-eos", "--temperature",
+                     "0", "--max-new-tokens", "5")
+    longer = run_cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos", "--max-new-tokens", "20")
+    assert as_configured.returncode == greedy.returncode == longer.returncode == 0, as_configured.stderr[-2000:]
+    assert as_configured.stdout == greedy.stdout  # greedy and 5 tokens, from the model's file alone
+    assert longer.stdout.startswith(greedy.stdout.rstrip("\n")) and len(longer.stdout) > len(greedy.stdout)
