@@ -304,16 +304,17 @@ def test_eval_scores_only_the_text_tokens_as_transformers_counts_them(random_smo
 
 
 def test_eval_and_the_quantizers_gate_agree_on_the_same_text(random_smollm2, text_file):
-    """The gate's held-out windows and figures (quantize.prepare_text, quantize.heldout_figures) against eval's, with
-    the same model's logits: one bits per byte."""
-    from spj_edge.quantize import heldout_figures, prepare_text
+    """The gate's held-out windows and figures (quantize.prepare_text, quantize.Reference) against eval's, with the
+    same model's logits: one bits per byte."""
+    from spj_edge.quantize import Reference, prepare_text
 
     lm = ev.scorer(random_smollm2)
     windows = 3
     _, gate_windows = prepare_text(SimpleNamespace(tokenizer=lm.tokenizer, config=lm.artifact.config), [],
                                    [text_file], QuantizeOptions(mode="dynamic", eval_windows=windows))
     as_gate_runs_it = SimpleNamespace(window_logits=lambda window: lm.logits(window[None])[0])
-    gate = heldout_figures(as_gate_runs_it, gate_windows, lm.tokenizer.byte_lengths(lm.artifact.config.vocab_size))
+    gate = Reference.of(as_gate_runs_it, gate_windows,
+                        lm.tokenizer.byte_lengths(lm.artifact.config.vocab_size)).figures
     results = ev.run(lm, {text_file: text_file.read_text(encoding="utf-8")}, EvalOptions(windows=windows, prompts=0))
     assert results[text_file].figures.bits_per_byte == pytest.approx(gate.bits_per_byte, rel=1e-9)
     assert results[text_file].figures.tokens == gate.tokens < windows * 127, "the <|im_end|> targets are not scored"
