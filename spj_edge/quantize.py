@@ -7,10 +7,13 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
 - MatMul outputs stay float: ONNX Runtime then fuses Q(x) → DQ → MatMul ← DQ(W) into one MatMulIntegerToFloat, an int8
   GEMM with a float result, instead of dequantizing the weights at every step.
 - Calibration feeds prefill steps AND single-token decode steps with the real, growing KV cache of the float model:
-  calibrating on prefills with an empty past leaves the decode-time activations out of range.
+  calibrating on prefills with an empty past leaves the decode-time activations out of range. A model with a chat
+  template is also calibrated on conversations in it.
+- A real LM's outlier channels are smoothed into the weights, and what int8 would still break stays float, both
+  decided from the calibration statistics (smoothquant.py).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8 everywhere, 7-bit weights on x86 without VNNI.
-The gate measures held-out bits per byte and top-1 next-token agreement with the float model on text calibration did
-not see; a model that fails it is not written (unless --force).
+The gate measures held-out bits per byte, top-1 next-token agreement with the float model where it is confident, and
+KL, on text calibration did not see; a model that fails it is not written (unless --force).
 """
 from __future__ import annotations
 
