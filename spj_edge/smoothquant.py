@@ -169,8 +169,10 @@ def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[s
         x = statistics.sample[node.input[0]].astype(np.float64)
         w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
         columns = np.linspace(0, w.shape[1] - 1, min(WEIGHT_COLUMNS, w.shape[1])).astype(int)
-        candidates = ((0.0,) if alpha is None or alpha == 0 or name not in found else ()) + (
-            (ALPHAS if alpha is None else (alpha,)) if name in found and alpha != 0 else ())
+        if name not in found or alpha == 0:
+            candidates = (0.0,)  # no smoothing
+        else:
+            candidates = (0.0, *ALPHAS) if alpha is None else (alpha,)
         best = None
         for a in candidates:
             s = (smoothing_scale(statistics.absmax(node.input[0]), w, a, found[name]) if a else
