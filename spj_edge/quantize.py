@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import platform
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_dynamic, quantize_static)
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from tqdm import tqdm
 
 from . import contract, smoothquant
@@ -109,27 +107,42 @@ def weight_matmuls(proto: onnx.ModelProto) -> list[str]:
 
 
 # --- text -----------------------------------------------------------------------------------------------------------
+def calibration_steps(window: np.ndarray) -> list[np.ndarray]:
+    """A calibration sample's steps: a prompt of PREFILL tokens, then one token at a time through the cache."""
+    return [window[:PREFILL], *window[PREFILL:, None]]
+
+
+def calibration_activations(float_lm: OnnxLM, windows: list[np.ndarray], names: list[str]):
+    """{name: value} of the tensors `names` (outputs of `float_lm`'s graph besides the contract's) at every
+    calibration step, the float model building each sample's cache as it goes: one pass, nothing kept."""
+    layers = float_lm.config.num_hidden_layers
+    for window in tqdm(windows, desc="calibration", unit="sample", leave=False):
+        past = float_lm.empty_past(1)
+        for ids in calibration_steps(window):
+            _, *outputs = float_lm.session.run(float_lm.output_names + names,
+                                               float_lm.feed(*float_lm.step_inputs(ids[None], past), past))
+            past = outputs[:2 * layers]
+            yield dict(zip(names, outputs[2 * layers:]))
+
+
 class KVCacheCalibration(CalibrationDataReader):
-    """Feeds for the calibrator: each sample is a prefill of `prefill` tokens on an empty past followed by
-    single-token decode steps whose past is the real cache the float model produced.
+    """The same steps as feeds for onnxruntime's own calibrator, which only the --op-types experiments run (static
+    mode's ranges come from the statistics).
 
     The float model runs once per sample, step by step, and what is kept is each sample's final cache: a step's
     present is its past with the new positions appended as they are, so the first positions of the final cache are
-    every earlier step's past, exactly. Rewinding (each gate attempt, SmoothQuant's statistics) runs nothing again,
-    and memory holds one cache a sample (about 24 MB for the `small` preset's 32 samples)."""
+    every earlier step's past, exactly. Rewinding (each gate attempt) runs nothing again, and memory holds one cache
+    a sample (about 24 MB for the `small` preset's 32 samples)."""
 
-    def __init__(self, float_lm: OnnxLM, windows: list[np.ndarray], prefill: int = PREFILL):
-        self.float_lm, self.prefill = float_lm, prefill
+    def __init__(self, float_lm: OnnxLM, windows: list[np.ndarray]):
+        self.float_lm = float_lm
         self.samples = [(window, self._final_cache(window))
                         for window in tqdm(windows, desc="calibration", unit="sample", leave=False)]
         self.rewind()
 
-    def _steps(self, window: np.ndarray) -> list[np.ndarray]:
-        return [window[:self.prefill], *window[self.prefill:, None]]  # a prompt, then one token at a time
-
     def _final_cache(self, window: np.ndarray) -> list[np.ndarray]:
         past = self.float_lm.empty_past(1)
-        for ids in self._steps(window)[:-1]:  # the last step's past is all the feeds need
+        for ids in calibration_steps(window)[:-1]:  # the last step's past is all the feeds need
             _, past = self.float_lm.step(ids[None], past)
         return past
 
@@ -137,7 +150,7 @@ class KVCacheCalibration(CalibrationDataReader):
         lm = self.float_lm
         for window, cache in self.samples:
             length = 0
-            for ids in self._steps(window):
+            for ids in calibration_steps(window):
                 past = [np.ascontiguousarray(c[:, :, :length]) for c in cache]
                 yield lm.feed(*lm.step_inputs(ids[None], past), past)
                 length += len(ids)
@@ -157,21 +170,35 @@ CONFIDENT_MARGIN = 1.0  # logits: where the float model's first choice leads its
 class Reference:
     """What the gate needs of the float model on the held-out windows, computed once, so that its session can be
     closed before onnxruntime's quantizer loads the model again: its figures, where it is confident, and its
-    log-probabilities (float16: 24 windows of a 49,152-word vocabulary are 300 MB so)."""
+    log-probabilities (float16, a window at a time: 24 windows of a 49,152-word vocabulary are 300 MB so, which
+    `scratch` keeps on disk rather than in memory while onnxruntime quantizes)."""
     figures: Figures
     confident: np.ndarray  # per scored position: top-1 leads top-2 by CONFIDENT_MARGIN or more
     log_probs: list[np.ndarray]
 
     @classmethod
-    def of(cls, float_lm: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray) -> Reference:
-        logits = [float_lm.window_logits(window) for window in windows]
+    def of(cls, float_lm: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray,
+           scratch: Path | None = None) -> Reference:
         confident, log_probs = [], []
-        for i, window_logits in enumerate(logits):
-            scored = window_logits[:-1]  # the positions `figures` scores: all but the last
-            top2 = np.partition(scored, -2, axis=-1)[:, -2:]
-            confident.append(top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN)
-            log_probs.append(_log_softmax(scored).astype(np.float16))
-        return cls(figures(zip(windows, logits), byte_lengths), np.concatenate(confident), log_probs)
+
+        def scored():
+            for i, window in enumerate(windows):
+                logits = float_lm.window_logits(window)
+                top2 = np.partition(logits[:-1], -2, axis=-1)[:, -2:]  # the positions `figures` scores
+                confident.append(top2[:, 1] - top2[:, 0] >= CONFIDENT_MARGIN)
+                log_probs.append(_kept(_log_softmax(logits[:-1]).astype(np.float16), scratch, f"reference-{i}.npy"))
+                yield window, logits
+
+        reference_figures = figures(scored(), byte_lengths)
+        return cls(reference_figures, np.concatenate(confident), log_probs)
+
+
+def _kept(array: np.ndarray, scratch: Path | None, name: str) -> np.ndarray:
+    """`array`, or the same written to `scratch` and mapped back, read when used."""
+    if scratch is None:
+        return array
+    np.save(scratch / name, array)
+    return np.load(scratch / name, mmap_mode="r")
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -190,11 +217,17 @@ class Comparison:
 
 def compare(reference: Reference, candidate: OnnxLM, windows: list[np.ndarray], byte_lengths: np.ndarray
             ) -> Comparison:
-    logits = [candidate.window_logits(window) for window in windows]
-    kl = [(np.exp(p.astype(np.float64)) * (p - _log_softmax(c[:-1]))).sum(-1)
-          for p, c in zip(reference.log_probs, logits)]
-    return Comparison(reference.figures, figures(zip(windows, logits), byte_lengths), reference.confident,
-                      float(np.concatenate(kl).mean()))
+    kl = []
+
+    def scored():
+        for window, reference_log_probs in zip(windows, reference.log_probs):
+            logits = candidate.window_logits(window)
+            p = reference_log_probs.astype(np.float64)
+            kl.append((np.exp(p) * (p - _log_softmax(logits[:-1]))).sum(-1))
+            yield window, logits
+
+    candidate_figures = figures(scored(), byte_lengths)
+    return Comparison(reference.figures, candidate_figures, reference.confident, float(np.concatenate(kl).mean()))
 
 
 def gate_figures(comparison: Comparison) -> dict:
@@ -471,10 +504,10 @@ def statistics_inputs(recipe: Recipe, proto: onnx.ModelProto) -> list[str]:
 
 
 def float_reference(float_model: ExportArtifact, recipe: Recipe, tmp: Path) -> OnnxLM:
-    """The float model that calibration, the statistics and the gate all run: one onnxruntime session, so that a real
-    model's weights are not held in a second one. In static mode its graph also
-    outputs the tensors the statistics read (added to the parsed graph and taken off again: a copy of the graph would
-    be another copy of the weights)."""
+    """The float model that the statistics (or the experiments' calibrator) and the gate all run: one onnxruntime
+    session, so that a real model's weights are not held in a second one. In static mode its graph also outputs the
+    tensors the statistics read (added to the parsed graph and taken off again: a copy of the graph would be another
+    copy of the weights)."""
     outputs = float_model.proto.graph.output
     contract_outputs, path = len(outputs), float_model.graph_path
     inputs = statistics_inputs(recipe, float_model.proto)
@@ -484,11 +517,6 @@ def float_reference(float_model: ExportArtifact, recipe: Recipe, tmp: Path) -> O
         onnx.save(float_model.proto, str(path))
         del outputs[contract_outputs:]
     return OnnxLM(path, float_model.config)
-
-
-def calibration_reader(float_lm: OnnxLM, calib_set: list[np.ndarray], recipe: Recipe) -> KVCacheCalibration | None:
-    """The static mode's feeds, made once for the statistics (and the --op-types experiments' calibrator)."""
-    return KVCacheCalibration(float_lm, calib_set) if recipe.mode == "static" else None
 
 
 @dataclass
@@ -502,27 +530,20 @@ class Outcome:
     plan: smoothquant.Plan | None  # static mode: smoothing per MatMul, estimated errors
 
 
-def static_plan(float_model: ExportArtifact, calibration: KVCacheCalibration, recipe: Recipe, matmuls: list[str],
-                tmp: Path) -> tuple[smoothquant.Plan, Path, Path]:
-    """One pass of the float model over the calibration feeds gives every weight MatMul's input statistics; they
-    decide the smoothing and what stays float (smoothquant.py). Returns the plan, the smoothed graph and the
-    activation ranges as onnxruntime's calibration cache."""
-    inputs = statistics_inputs(recipe, float_model.proto)
-    session = calibration.float_lm.session  # float_reference's, which outputs them
-    calibration.rewind()
-    statistics = smoothquant.ActivationStatistics.collect(
-        (dict(zip(inputs, session.run(inputs, feed))) for feed in iter(calibration.get_next, None)), inputs,
-        tokens=sum(len(window) for window, _ in calibration.samples))
-    proto = onnx.ModelProto()
-    proto.CopyFrom(float_model.proto)
+def static_plan(float_model: ExportArtifact, statistics: smoothquant.ActivationStatistics, recipe: Recipe,
+                matmuls: list[str], tmp: Path) -> tuple[smoothquant.Plan, Path, Path]:
+    """The calibration statistics decide the smoothing and what stays float (smoothquant.py). Returns the plan, the
+    smoothed graph and the activation ranges as onnxruntime's calibration cache. The smoothing is folded into the
+    export's parsed graph itself, which is let go of once written (weights as external data, a tensor at a time)."""
+    proto = float_model.proto
     nodes = {n.name: n for n in proto.graph.node}
     found = smoothquant.folds(proto, float_model.config)
     plan = smoothquant.plan(proto, statistics, found, matmuls, recipe.options.smoothquant)
     scales = smoothquant.apply(proto, statistics, found, plan)
-    smoothed = tmp / "smoothed.onnx"
-    onnx.save(proto, str(smoothed))
-    del proto
     quantized = [nodes[m].input[0] for m in matmuls if m not in plan.float_kept]
+    smoothed = tmp / "smoothed.onnx"
+    onnx.save(proto, str(smoothed), save_as_external_data=True, location=f"{smoothed.name}.data")
+    float_model.forget_graph()  # its weights are the smoothed ones now
     low_high = smoothquant.ranges(statistics, scales, quantized,
                                   PERCENTILE if recipe.calibration == "percentile" else None)
     cache = tmp / "activation_ranges.json"
@@ -536,23 +557,28 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
                    recipe: Recipe, tmp: Path) -> Outcome:
     """Quantize and measure the gate. Static mode first smooths and keeps in float what its calibration statistics
     say int8 would break. While the gate fails: an int4 LM head goes back to float, then (--auto-exclude) the MatMuls
-    whose outputs moved most in one forward pass, doubling their number each time. Each attempt prints its figures."""
+    whose outputs moved most in one forward pass, doubling their number each time. Each attempt prints its figures.
+
+    What is held when: the float session (and the export's parsed graph until it is saved with the statistics
+    outputs) while the gate's reference and the statistics are computed; then the statistics and the smoothed graph;
+    then only what onnxruntime's quantizer holds, and one quantized session at a time for the gate."""
     options, cfg = recipe.options, float_model.config
     byte_lengths = token_byte_lengths(float_model.tokenizer, cfg.vocab_size)
     matmuls = weight_matmuls(float_model.proto)
-    prepared, source, plan, activation_ranges = tmp / "prepared.onnx", float_model.graph_path, None, None
+    inputs = statistics_inputs(recipe, float_model.proto)
+    source, plan, activation_ranges, calibration, statistics = float_model.graph_path, None, None, None, None
     float_lm = float_reference(float_model, recipe, tmp)
-    reference = Reference.of(float_lm, eval_set, byte_lengths)
-    calibration = calibration_reader(float_lm, calib_set, recipe)
-    if recipe.mode == "static" and options.op_types == ("MatMul",):
-        plan, source, activation_ranges = static_plan(float_model, calibration, recipe, matmuls, tmp)
-        calibration = None  # the ranges are in the cache: the float session's memory goes back before quantizing
+    float_model.forget_graph()
+    reference = Reference.of(float_lm, eval_set, byte_lengths, tmp)
+    if inputs:
+        statistics = smoothquant.ActivationStatistics.collect(
+            calibration_activations(float_lm, calib_set, inputs), inputs, tokens=sum(map(len, calib_set)))
+    elif recipe.mode == "static":
+        calibration = KVCacheCalibration(float_lm, calib_set)
     del float_lm
-    float_model.forget_graph()  # the parsed graph too; what follows reads files
-    # onnx's own shape inference suffices (the fused graph declares its contrib ops' outputs); ORT's symbolic
-    # inference gives up on traced graphs, leaving a temporary model in the working directory as it does.
-    with quiet_onnxruntime():
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    if statistics is not None:
+        plan, source, activation_ranges = static_plan(float_model, statistics, recipe, matmuls, tmp)
+        del statistics
     candidate = tmp / "model.onnx"
     attempts = 0
 
@@ -561,9 +587,9 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         nodes = [n for n in matmuls if n not in excluded]
         if nodes:
             with quiet_onnxruntime():
-                quantize_graph(prepared, candidate, recipe, nodes, calibration, activation_ranges)
+                quantize_graph(source, candidate, recipe, nodes, calibration, activation_ranges)
         else:  # nothing left to quantize but the embedding: onnxruntime would read an empty list as "everything"
-            shutil.copyfile(prepared, candidate)
+            onnx.save(onnx.load(str(source)), str(candidate))  # the smoothed graph's weights are external
         quantize_embedding(candidate)
         figures = gate_figures(compare(reference, OnnxLM(candidate, cfg), eval_set, byte_lengths))
         failures = gate_failures(figures, options.max_bpb_increase, options.min_agreement)

@@ -13,8 +13,8 @@ from spj_edge.data import calibration_split, spaced_windows
 from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
-from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, float_export, float_reference, static_plan,
-                               weight_matmuls)
+from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, calibration_activations, float_export,
+                               float_reference, static_plan, statistics_inputs, weight_matmuls)
 
 DOWN = "/layers.0/mlp/down_proj/MatMul"
 
@@ -31,9 +31,11 @@ def plan_of(directory, tmp_path, alpha=None):
     model = float_export(directory)
     recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
     stream, _ = calibration_split([UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"], model.tokenizer)
-    calibration = KVCacheCalibration(float_reference(model, recipe, tmp_path),
-                                     spaced_windows(stream, PREFILL + DECODE, 8))
-    return static_plan(model, calibration, recipe, weight_matmuls(model.proto), tmp_path)
+    windows, inputs = spaced_windows(stream, PREFILL + DECODE, 8), statistics_inputs(recipe, model.proto)
+    statistics = smoothquant.ActivationStatistics.collect(
+        calibration_activations(float_reference(model, recipe, tmp_path), windows, inputs), inputs,
+        tokens=sum(map(len, windows)))
+    return static_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path)
 
 
 def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, tmp_path):
@@ -83,3 +85,20 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(fused, tmp_path):
     assert plain_plan.error[DOWN] > smoothquant.FLOAT_ABOVE and DOWN in plain_plan.float_kept
     assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.float_kept
     assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
+
+
+def test_statistics_in_one_pass_see_what_the_cached_feeds_give(fused):
+    """calibration_activations builds each sample's cache as it steps; onnxruntime's calibrator (the --op-types
+    experiments) is fed the same steps from stored caches. Both must show the statistics the same tensors."""
+    model = float_export(fused)
+    recipe = Recipe.of(QuantizeOptions(measure=False))
+    lm = float_reference(model, recipe, fused.parent)
+    inputs = statistics_inputs(recipe, model.proto)
+    windows = spaced_windows(calibration_split([UD / "es_gsd_dev.txt"], model.tokenizer)[0], PREFILL + DECODE, 2)
+    one_pass = list(calibration_activations(lm, windows, inputs))
+    feeds = list(iter(KVCacheCalibration(lm, windows).get_next, None))
+    assert len(one_pass) == len(feeds) == 2 * (1 + DECODE)
+    for step, feed in zip(one_pass, feeds):
+        for name, value in zip(inputs, lm.session.run(inputs, feed)):
+            # the same graph on the same inputs: only the cache's copy differs, not one float operation
+            np.testing.assert_array_equal(step[name], value)
