@@ -19,11 +19,10 @@ Logits = Callable[[list[int]], np.ndarray]
 
 
 def llama(model: str) -> Logits:
-    from llama_cpp import Llama
+    from worker import load_llama
 
     # logits_all: keep every position's logits, not only the last (what perplexity needs).
-    lm = Llama(model_path=model, n_ctx=512, n_batch=512, n_threads=2, n_threads_batch=2, logits_all=True,
-               verbose=False)
+    lm = load_llama(model, 2, n_ctx=512, n_batch=512, logits_all=True)
 
     def logits(ids: list[int]) -> np.ndarray:
         lm.reset()

@@ -65,6 +65,7 @@ def measure(config: Config, threads: int, prompts: Path, new: int) -> dict:
     command = [str(PYTHON[config.engine]), str(HERE / "worker.py"), "--engine", config.engine, "--model",
                str(config.model), "--threads", str(threads), "--prompts", str(prompts), "--new", str(new)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # llama.cpp's OpenMP pool, torch's too
+    env.setdefault("PEERS_LLAMA_EXTRA_BUFFERS", "auto")  # worker.llama_extra_buffers
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
@@ -101,6 +102,12 @@ def summarize(samples: list[dict]) -> dict:
 def size_mb(path: Path) -> float:
     files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
     return sum(f.stat().st_size for f in files) / 1e6
+
+
+def llama_extra_buffers() -> bool:
+    sys.path.insert(0, str(HERE))
+    from worker import llama_extra_buffers as chosen
+    return chosen()
 
 
 def machine() -> str:
@@ -140,6 +147,7 @@ def markdown(result: dict, threads: list[int]) -> str:
 def chart(result: dict, threads: list[int], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # text as text: a few KB instead of glyph outlines
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["engines"] if all("decode_tokens_per_s" in r["threads"].get(str(t), {}) for t in threads)]
@@ -183,7 +191,8 @@ def benchmark(model: str, args) -> dict:
     return {
         "model": model,
         "settings": {"machine": machine(), "prompt_tokens": [lengths["32"], lengths["128"]], "new_tokens": args.new,
-                     "repetitions": args.repetitions, "threads": args.threads},
+                     "repetitions": args.repetitions, "threads": args.threads,
+                     "llama_extra_buffers": llama_extra_buffers()},
         "engines": [{"name": c.label, "precision": c.precision, "engine": c.engine, "size_mb": size_mb(c.model),
                      "gate": gate_of(c),
                      "threads": {str(t): summarize(runs[(c, t)]) for t in args.threads}} for c in chosen],
@@ -197,7 +206,10 @@ def main():
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--torch", action="store_true", help="also transformers eager (slow to start)")
+    ap.add_argument("--llama-extra-buffers", choices=["auto", "on", "off"], default="auto",
+                    help="llama.cpp's AMX/repacked weight buffers (auto: off where the CPU has AMX, which crashes here)")
     args = ap.parse_args()
+    os.environ["PEERS_LLAMA_EXTRA_BUFFERS"] = args.llama_extra_buffers
     RESULTS.mkdir(exist_ok=True)
     for model in args.models:
         result = benchmark(model, args)

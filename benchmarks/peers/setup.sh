@@ -6,7 +6,7 @@
 #
 # llama: llama-cpp-python 0.3.36 compiled from the sdist for this CPU (GGML_NATIVE), plus what the vendored
 #        convert_hf_to_gguf.py needs; the sdist is kept unpacked in .cache/ because the convert script lives in it.
-# genai: onnxruntime-genai 0.18.0 and its model builder (needs transformers 5.x), plus matplotlib for the chart.
+# genai: onnxruntime-genai 0.18.0 and its model builder (needs transformers 5.x).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="$HERE/.cache"
@@ -47,7 +47,7 @@ setup_llama() {
 setup_genai() {
     local py; py="$(new_venv genai)"
     "$py" -m pip install -q "onnxruntime-genai==$GENAI" "torch==$TORCH" "transformers>=5,<6" onnx onnx_ir \
-        safetensors numpy matplotlib
+        safetensors numpy
     "$py" -c "import onnxruntime_genai as og, onnxruntime as ort; print('onnxruntime-genai', og.__version__, 'onnxruntime', ort.__version__)"
 }
 

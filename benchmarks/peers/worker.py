@@ -51,12 +51,47 @@ def spj(model: str, threads: int) -> Engine:
     return lambda ids, new: generator.tokens(ids, max_new_tokens=new, temperature=0.0, ignore_eos=True)
 
 
+def llama_extra_buffers() -> bool:
+    """Whether llama.cpp may put weights in its "extra" CPU buffer types: AMX tiles and the repacked x86/ARM layouts
+    of Q4_0/Q8_0. On this project's Xeon VMs (AMX advertised) the AMX matmul segfaults (ggml_backend_amx_mul_mat, in
+    an OpenMP worker), so `auto` turns them off where the CPU has AMX, which also loses the repacked layouts.
+    PEERS_LLAMA_EXTRA_BUFFERS=on|off|auto (run.py --llama-extra-buffers)."""
+    import os
+
+    choice = os.environ.get("PEERS_LLAMA_EXTRA_BUFFERS", "auto")
+    if choice == "auto":
+        try:
+            return "amx_int8" not in open("/proc/cpuinfo").read()
+        except OSError:
+            return True
+    return choice == "on"
+
+
+def load_llama(model: str, threads: int, **options):
+    """llama_cpp.Llama with llama_extra_buffers() applied: Llama() builds its model parameters from
+    llama_model_default_params, which has no keyword for this, so the defaults are wrapped while it loads."""
+    import llama_cpp
+    import llama_cpp.llama
+
+    defaults = llama_cpp.llama_model_default_params
+    extra = llama_extra_buffers()
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = extra
+        return p
+
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=model, n_threads=threads, n_threads_batch=threads, verbose=False, **options)
+    finally:
+        llama_cpp.llama.llama_cpp.llama_model_default_params = defaults
+
+
 def llama(model: str, threads: int) -> Engine:
     """llama-cpp-python's Llama.generate, greedy (top_k 1). reset() first: generate() would otherwise reuse the KV
     cache of a previous run's common prefix and skip most of the prompt."""
-    from llama_cpp import Llama
-
-    lm = Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    lm = load_llama(model, threads, n_ctx=512)
 
     def generate(ids: list[int], new: int) -> Iterator[int]:
         lm.reset()
