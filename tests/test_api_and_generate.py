@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import SHAKESPEARE, run_cli
+from conftest import SHAKESPEARE, cli
 from spj_edge import SlimPajama
 from spj_edge.errors import SPJError
 from spj_edge.sampling import Sampler, SamplingParams
@@ -47,15 +47,15 @@ def test_invalid_sampling_values(field, value):
 def test_generate_cli_is_deterministic_with_a_seed_and_refuses_long_prompts(nano_checkpoint):
     args = ["generate", "--model", nano_checkpoint, "--prompt", "First Citizen:", "--max-new-tokens", "20",
             "--seed", "5", "--ignore-eos"]
-    first, second = run_cli(*args), run_cli(*args)
+    first, second = cli(*args), cli(*args)
     assert first.returncode == 0 and first.stdout == second.stdout and first.stdout.strip()
-    greedy = run_cli(*args[:-3], "--temperature", "0", "--ignore-eos")
+    greedy = cli(*args[:-3], "--temperature", "0", "--ignore-eos")
     assert greedy.returncode == 0
-    too_long = run_cli("generate", "--model", nano_checkpoint, "--prompt", "word " * 400)
+    too_long = cli("generate", "--model", nano_checkpoint, "--prompt", "word " * 400)
     assert too_long.returncode == 2 and "the model's context is 128" in too_long.stderr
-    bad = run_cli("generate", "--model", nano_checkpoint, "--prompt", "x", "--top-p", "2")
+    bad = cli("generate", "--model", nano_checkpoint, "--prompt", "x", "--top-p", "2")
     assert bad.returncode == 2 and "top_p must be in (0, 1], got 2.0" in bad.stderr
-    missing = run_cli("generate", "--model", nano_checkpoint.parent / "nope", "--prompt", "x")
+    missing = cli("generate", "--model", nano_checkpoint.parent / "nope", "--prompt", "x")
     assert missing.returncode == 2 and "no such checkpoint directory" in missing.stderr
 
 
@@ -67,10 +67,10 @@ def test_generate_cli_takes_the_models_sampling_defaults_unless_a_flag_is_given(
     model = tmp_path / "model"
     shutil.copytree(nano_checkpoint, model)
     (model / "generation_config.json").write_text(json.dumps({"do_sample": False, "max_new_tokens": 5}))
-    as_configured = run_cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos")
-    greedy = run_cli("generate", "--model", nano_checkpoint, "--prompt", "ROMEO:", "--ignore-eos", "--temperature",
+    as_configured = cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos")
+    greedy = cli("generate", "--model", nano_checkpoint, "--prompt", "ROMEO:", "--ignore-eos", "--temperature",
                      "0", "--max-new-tokens", "5")
-    longer = run_cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos", "--max-new-tokens", "20")
+    longer = cli("generate", "--model", model, "--prompt", "ROMEO:", "--ignore-eos", "--max-new-tokens", "20")
     assert as_configured.returncode == greedy.returncode == longer.returncode == 0, as_configured.stderr[-2000:]
     assert as_configured.stdout == greedy.stdout  # greedy and 5 tokens, from the model's file alone
     assert longer.stdout.startswith(greedy.stdout.rstrip("\n")) and len(longer.stdout) > len(greedy.stdout)

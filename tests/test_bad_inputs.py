@@ -2,8 +2,9 @@
 documented exit code (2: bad input, 1: an I/O failure such as a full disk), no traceback, and nothing written.
 
 The table runs in-process through the two `main` functions (no interpreter start per case); a few cases run as real
-processes to prove the exit code a shell sees. Every case fails before any training, so the checkpoint is an untrained
-nano: its weights don't matter, and building it takes a second instead of the minute `nano_checkpoint` trains for.
+processes to prove the exit code a shell sees. Every case fails before any training, so the checkpoint is the session's
+untrained nano (conftest.untrained): its weights don't matter, and it takes a second instead of the minute
+`nano_checkpoint` trains for.
 """
 from __future__ import annotations
 
@@ -19,29 +20,13 @@ from typing import Callable
 
 import onnx
 import pytest
-import torch
 
 from conftest import REPO, SHAKESPEARE, run_cli
-from spj_edge.checkpoint import save_checkpoint
 from spj_edge.cli import main as cli_main
 from spj_edge.errors import EXIT_USAGE
-from spj_edge.export import export
-from spj_edge.config import load_preset
-from spj_edge.model import Transformer
-from spj_edge.package import package
 from spj_edge.runtime.__main__ import main as runtime_main
-from spj_edge.tokenizer import special_token_ids, train_tokenizer
 
 EXIT_IO = 1  # errors.run_command: an OSError (a full disk) ends with exit code 1
-
-
-def build_checkpoint(directory: Path) -> Path:
-    """An untrained nano with a tokenizer of its vocabulary size, saved as `spj-edge train` saves one."""
-    tokenizer = train_tokenizer([SHAKESPEARE.joinpath("val.txt").read_text(encoding="utf-8")], 512)
-    config = load_preset("nano").replace(**special_token_ids(tokenizer))
-    torch.manual_seed(0)
-    save_checkpoint(directory, Transformer(config), tokenizer, {"stage": "train"})
-    return directory
 
 
 def foreign_onnx() -> bytes:
@@ -84,7 +69,7 @@ def rehash(package_dir: Path, **manifest_changes) -> Path:
 class World:
     """Every input the cases name, good and bad, built once per module."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, untrained: Path):
         self.root = root
         self.missing = root / "missing.txt"
         self.empty = root / "empty.txt"  # zero bytes
@@ -101,7 +86,8 @@ class World:
         self.bad_preset = root / "preset.json"
         self.bad_preset.write_text('{"vocab_size": 512, "hidden_size": ')  # cut off mid-object
 
-        ck = self.checkpoint = build_checkpoint(root / "ckpt")
+        ck = self.checkpoint = root / "ckpt"  # copies of the session's, so that snapshot() covers them too
+        shutil.copytree(untrained / "ckpt", ck)
         weights = (ck / "model.safetensors").read_bytes()
         tokenizer = (ck / "tokenizer.json").read_bytes()
         self.ck_truncated = variant(ck, root / "ck-truncated", model__safetensors=weights[: len(weights) // 2])
@@ -125,7 +111,7 @@ class World:
         self.big_tokenizer_file.write_bytes(self.big_tokenizer)
 
         ex = self.export = root / "onnx"
-        export(ck, ex)
+        shutil.copytree(untrained / "onnx", ex)
         onnx_bytes = (ex / "model.onnx").read_bytes()
         self.ex_truncated = variant(ex, root / "ex-truncated", model__onnx=onnx_bytes[: len(onnx_bytes) // 3])
         self.ex_zero = variant(ex, root / "ex-zero", model__onnx=b"")
@@ -134,7 +120,7 @@ class World:
         self.ex_tokenizer_binary = variant(ex, root / "ex-tok-binary", tokenizer__json=bytes(range(256)))
 
         pkg = self.package = root / "nano.spj"
-        package(ex, pkg)
+        shutil.copytree(untrained / "nano.spj", pkg)
         self.pkg_future = rehash(variant(pkg, root / "future.spj"), format_version=2)
         self.pkg_foreign = rehash(variant(pkg, root / "foreign.spj", model__onnx=foreign_onnx()))
         self.pkg_bad_tokenizer = rehash(variant(pkg, root / "bad-tok.spj", tokenizer__json=b'{"model": 1'))
@@ -151,8 +137,8 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> World:
-    return World(tmp_path_factory.mktemp("bad-inputs"))
+def world(tmp_path_factory, untrained) -> World:
+    return World(tmp_path_factory.mktemp("bad-inputs"), untrained)
 
 
 @dataclass(frozen=True)

@@ -6,20 +6,17 @@ import math
 import os
 import shutil
 
-import numpy as np
 import onnx
 import pytest
 from matplotlib.text import Text
 from onnx import numpy_helper
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, cli
 from spj_edge.bench import KINDS, MAX_SPREAD, bench, cache_bytes, chart_figure, print_result, roofline
 from spj_edge.artifact import open_checkpoint
 from spj_edge.checkpoint import read_state_dict
 from spj_edge.errors import SPJError
-from spj_edge.export import export
 from spj_edge.options import BenchOptions
-from spj_edge.package import package
 
 PROMPT, NEW = 8, 16
 FIELDS = ("path", "kind", "file_bytes", "parameters", "threads", "decode_tokens_per_s", "decode_min_max", "prompt_ms",
@@ -30,11 +27,10 @@ REPETITIONS = 2
 
 
 @pytest.fixture(scope="module")
-def models(nano_checkpoint, tmp_path_factory):
-    dist = tmp_path_factory.mktemp("bench")
-    export(nano_checkpoint, dist / "onnx")
-    package(dist / "onnx", dist / "nano.spj")
-    return {"onnx": dist / "onnx", "package": dist / "nano.spj", "torch": nano_checkpoint, "dir": dist}
+def models(nano_checkpoint, nano_export, nano_package, tmp_path_factory):
+    """The session's nano as a checkpoint, an export and a package (conftest); "dir": where this module writes."""
+    return {"onnx": nano_export, "package": nano_package, "torch": nano_checkpoint,
+            "dir": tmp_path_factory.mktemp("bench")}
 
 
 @pytest.fixture(scope="module")
@@ -268,6 +264,6 @@ def test_a_failing_worker_names_its_model(models, tmp_path):
 
 
 def test_cli_one_line_errors(models, tmp_path):
-    assert_one_line_error(run_cli("bench", "--model", tmp_path / "missing"), "missing", "no such file")
-    assert_one_line_error(run_cli("bench", "--model", models["onnx"], "--prompt-tokens", "200"),
+    assert_one_line_error(cli("bench", "--model", tmp_path / "missing"), "missing", "no such file")
+    assert_one_line_error(cli("bench", "--model", models["onnx"], "--prompt-tokens", "200"),
                           str(models["onnx"]), "context of 128 tokens")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_DATA, assert_one_line_error, run_cli
+from conftest import SHARED_DATA, assert_one_line_error, cli, run_cli
 from smollm2 import GGUF
 from spj_edge.demo import COLUMNS, HELDOUT, PRETRAINED_STEPS, PROMPTS, find_pretrained, pretrained_section
 from spj_edge.runtime import Generator
@@ -64,19 +64,19 @@ def test_demo_refuses_to_replace_another_mode_or_a_foreign_directory(tmp_path):
     finished = tmp_path / "finished"
     finished.mkdir()
     (finished / "report.json").write_text(json.dumps({"stage": "demo", "quick": True}))
-    assert_one_line_error(run_cli("demo", "--data", SHARED_DATA, "--out", finished),
+    assert_one_line_error(cli("demo", "--data", SHARED_DATA, "--out", finished),
                           str(finished), "holds a finished --quick demo", "--overwrite")
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    assert_one_line_error(run_cli("demo", "--quick", "--data", SHARED_DATA, "--out", foreign),
+    assert_one_line_error(cli("demo", "--quick", "--data", SHARED_DATA, "--out", foreign),
                           str(foreign), "not a demo's output")
     assert (foreign / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in finished.iterdir()) == ["report.json"]
 
 
 def test_demo_without_data_says_how_to_get_some(tmp_path):
-    result = run_cli("demo", "--quick", "--data", tmp_path / "nothing", "--out", tmp_path / "out")
+    result = cli("demo", "--quick", "--data", tmp_path / "nothing", "--out", tmp_path / "out")
     assert_one_line_error(result, str(tmp_path / "nothing"), "no demo data", "corpus/tinyshakespeare", "--data DIR")
     assert not (tmp_path / "out").exists()
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import UD, assert_one_line_error, run_cli
+from conftest import UD, assert_one_line_error, cli
 from spj_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
 from spj_edge.data import read_texts
 from spj_edge.distill import agreement_with_teacher, distill, distillation_loss, kd_loss
@@ -130,7 +130,7 @@ def foreign_student(tmp_path_factory):
 def test_bad_input_is_one_line_exit_2_and_nothing_written(nano_checkpoint, foreign_student, tmp_path, args, message):
     args = [foreign_student if a == "FOREIGN" else a for a in args]
     out = tmp_path / "out"
-    result = run_cli("distill", "--teacher", nano_checkpoint, *args, "--data", DATA[0], "--steps", "2",
+    result = cli("distill", "--teacher", nano_checkpoint, *args, "--data", DATA[0], "--steps", "2",
                      "--out", out)
     assert_one_line_error(result, message)
     assert not list(tmp_path.iterdir())

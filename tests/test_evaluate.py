@@ -10,13 +10,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import REPO, SHAKESPEARE, SHARED_DATA, UD, assert_one_line_error, run_cli
+from conftest import REPO, SHAKESPEARE, SHARED_DATA, UD, assert_one_line_error, cli, run_cli
 from spj_edge import evaluate as ev
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.data import tokenize_corpus
-from spj_edge.export import export
 from spj_edge.options import EvalOptions
-from spj_edge.package import package
 
 NLTK_DATA = SHARED_DATA / "nltk_data"
 
@@ -30,11 +28,9 @@ def ascii_text(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def kinds(nano_checkpoint, tmp_path_factory):
-    dist = tmp_path_factory.mktemp("kinds")
-    export(nano_checkpoint, dist / "onnx")
-    package(dist / "onnx", dist / "nano.spj")
-    return {"checkpoint": nano_checkpoint, "onnx": dist / "onnx", "package": dist / "nano.spj"}
+def kinds(nano_checkpoint, nano_export, nano_package):
+    """The session's nano as a checkpoint, an export and a package (conftest)."""
+    return {"checkpoint": nano_checkpoint, "onnx": nano_export, "package": nano_package}
 
 
 def test_bits_per_byte_is_summed_nll_over_bytes_computed_by_transformers(nano_checkpoint, ascii_text):
@@ -174,5 +170,5 @@ def test_bad_input_gives_one_line(case, kinds, tmp_path, foreign_tokenizer_check
         extra, fragments = ["--baseline", foreign_tokenizer_checkpoint], ["its tokenizer is not"]
     else:
         extra, fragments = ["--windows", "0"], ["--windows 0: must be ≥ 1"]
-    result = run_cli("eval", "--model", model, "--data", data, *extra, cwd=REPO)
+    result = cli("eval", "--model", model, "--data", data, *extra, cwd=REPO)
     assert_one_line_error(result, *fragments)

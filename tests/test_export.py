@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import assert_one_line_error, logit_bound, run_cli
+from conftest import EXPORT_REPORTS, assert_one_line_error, cli, logit_bound
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.errors import SPJError
-from spj_edge.export import export, export_plain, logit_tolerance, verify
+from spj_edge.export import export_plain, logit_tolerance, verify
 from spj_edge.model import positions_from_mask
 from spj_edge.outputs import MARKER
 
@@ -20,10 +20,10 @@ GRAPHS = ["plain", "fused"]
 
 
 @pytest.fixture(scope="module", params=GRAPHS)
-def exported(request, nano_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "onnx"
-    report = export(nano_checkpoint, out, opset=17, fuse=request.param == "fused")
-    return request.param, out, report
+def exported(request):
+    """The session's exports of nano_checkpoint (conftest: opset 17) and what export() returned for each."""
+    out = request.getfixturevalue("nano_export" if request.param == "fused" else "nano_plain_export")
+    return request.param, out, EXPORT_REPORTS[out]
 
 
 def session(path):
@@ -117,7 +117,7 @@ def test_a_hugging_face_llama_checkpoint_exports_and_matches_transformers(tmp_pa
     hf_dir = tmp_path / "hf"
     hf.save_pretrained(hf_dir)
     shutil.copy(nano_checkpoint / "tokenizer.json", hf_dir / "tokenizer.json")
-    result = run_cli("export", "--model", hf_dir, "--out", tmp_path / "onnx")
+    result = cli("export", "--model", hf_dir, "--out", tmp_path / "onnx")
     assert result.returncode == 0, result.stderr
     ids = np.array([[1, 17, 300, 599, 42, 7]])
     empty = [np.zeros((1, 1, 0, 16), np.float32)] * 4
@@ -130,7 +130,7 @@ def test_a_hugging_face_llama_checkpoint_exports_and_matches_transformers(tmp_pa
 
 def test_defaults_chain_from_the_training_stage(tmp_path, nano_checkpoint):
     shutil.copytree(nano_checkpoint, tmp_path / "runs" / "teacher")
-    result = run_cli("export", "--opset", "17", cwd=tmp_path)
+    result = cli("export", "--opset", "17", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "runs" / "onnx" / "model.onnx").is_file()
 
@@ -159,7 +159,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(tmp_path, nano_checkpoint, 
     elif case == "tokenizer":
         (model / "tokenizer.json").write_text('{"not": "a tokenizer"}')
         fragments = ["tokenizer.json: not a valid tokenizer.json"]
-    result = run_cli("export", *args, "--out", tmp_path / "out")
+    result = cli("export", *args, "--out", tmp_path / "out")
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from conftest import SHAKESPEARE, assert_one_line_error, logit_bound, run_cli
+from conftest import SHAKESPEARE, assert_one_line_error, cli, logit_bound
 from spj_edge.artifact import open_checkpoint
 from spj_edge.checkpoint import load_model
 from spj_edge.errors import SPJError
@@ -179,7 +179,7 @@ def test_what_the_model_lacks_is_named_in_one_line(tmp_path, tokenizer_json, key
     (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
     with pytest.raises(SPJError, match="config.json: "):
         open_checkpoint(tmp_path / "hf")
-    assert_one_line_error(run_cli("export", "--model", tmp_path / "hf", "--out", tmp_path / "onnx"), fragment)
+    assert_one_line_error(cli("export", "--model", tmp_path / "hf", "--out", tmp_path / "onnx"), fragment)
 
 
 def test_a_shard_index_cannot_point_outside_the_checkpoint(tmp_path, tokenizer_json):

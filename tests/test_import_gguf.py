@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from conftest import LANGUAGES, REPO, SHARED_DATA, UD, assert_one_line_error, logit_bound, run_cli
+from conftest import LANGUAGES, REPO, SHARED_DATA, UD, assert_one_line_error, cli, logit_bound
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.import_gguf import import_gguf
 
@@ -199,7 +199,7 @@ def test_special_tokens_and_the_chat_template_render_identically(imported):
 def test_bfloat16_weights(imported, tmp_path):
     ckpt, _, _, _, _ = imported
     gguf = ckpt.parent / "tiny.gguf"
-    result = run_cli("import", "--gguf", gguf, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
+    result = cli("import", "--gguf", gguf, "--out", tmp_path / "bf16", "--dtype", "bfloat16")
     assert result.returncode == 0, result.stderr
     from safetensors import safe_open
 
@@ -236,7 +236,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(imported, tmp_path, case):
         (tmp_path / "out").mkdir()
         (tmp_path / "out" / "notes.txt").write_text("mine")
         fragments = ["out: already exists (pass --overwrite to replace it)"]
-    assert_one_line_error(run_cli("import", "--gguf", gguf, "--out", tmp_path / "out"), *fragments)
+    assert_one_line_error(cli("import", "--gguf", gguf, "--out", tmp_path / "out"), *fragments)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     if case != "exists":
         assert not (tmp_path / "out").exists()

@@ -17,13 +17,13 @@ sys.meta_path.insert(0, Blocker())
 """
 
 
-def test_quantize_package_eval_and_bench_run_with_torch_blocked(nano_package, tmp_path):
+def test_quantize_package_eval_and_bench_run_with_torch_blocked(nano_export, nano_package, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     env = {"PYTHONPATH": str(tmp_path)}  # bench's spawned workers inherit it too
     blocked = run_cli("export", "--model", "anything", env=env)
     assert blocked.returncode != 0 and "torch is blocked" in blocked.stderr
 
-    export = nano_package.parent / "onnx"
+    export = nano_export
     steps = [
         ["quantize", "--model", export, "--mode", "dynamic", "--calib", UD / "en_ewt_dev.txt", "--force",
          "--out", tmp_path / "int8"],

@@ -9,21 +9,22 @@ import onnxruntime as ort
 import pytest
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from conftest import assert_one_line_error, logit_bound, run_cli
+from conftest import assert_one_line_error, cli, logit_bound
 from spj_edge import contract
 from spj_edge.errors import SPJError
-from spj_edge.export import export
+from spj_edge.artifact import open_export
+from spj_edge.onnx_lm import OnnxLM
 from spj_edge.outputs import MARKER
-from spj_edge.package import package
+from spj_edge import package as package_module
+from spj_edge.package import CHECK_PROMPT, CHECK_TOKENS, package
 from spj_edge.runtime import Generator
 from spj_edge.tokenizer import load_tokenizer, special_token_ids
 
 
 @pytest.fixture(scope="module", params=["fused", "plain"])
-def exported(request, nano_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param) / "onnx"
-    export(nano_checkpoint, out, fuse=request.param == "fused")
-    return out
+def exported(request):
+    """The session's exports of nano_checkpoint (conftest), each packaged by this module on its own."""
+    return request.getfixturevalue("nano_export" if request.param == "fused" else "nano_plain_export")
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +104,34 @@ def test_a_quantized_head_is_sliced_in_front_of_its_quantization(exported, tmp_p
     assert consumer.op_type == "DynamicQuantizeLinear"
 
 
+def test_a_package_that_departs_from_its_source_is_refused_and_nothing_written(nano_export, nano_package, tmp_path,
+                                                                               monkeypatch):
+    """The package check's failing branch (spj.json's greedy_identical is only ever written true, because a package
+    whose greedy continuation departs from its source graph's is refused). The defect: the LM head's slice reads the
+    first position instead of the last. Decode steps feed one position, so only the prompt's step differs."""
+    slice_last = package_module.last_position_logits
+
+    def slice_first(proto, config):
+        sliced = slice_last(proto, config)
+        index = next(i for i in proto.graph.initializer if i.name == "/lm_head/last_position.index")
+        index.CopyFrom(onnx.numpy_helper.from_array(np.array([0], np.int64), index.name))
+        return sliced
+
+    # the defect shows from the first token on: after the whole prompt nano predicts another token than after <bos>
+    ids = np.array([Generator.load(nano_package).encode(CHECK_PROMPT)])  # as the check encodes it
+    export = open_export(nano_export)
+    lm = OnnxLM(export.graph_path, export.config)
+    logits, _ = lm.step(ids, lm.empty_past(1))
+    assert logits[0, 0].argmax() != logits[0, -1].argmax(), "this defect would not change the first token"
+
+    monkeypatch.setattr(package_module, "last_position_logits", slice_first)
+    for tar in (False, True):
+        with pytest.raises(SPJError, match=f"^package check failed: the packaged model's greedy continuation departs "
+                                           f"from the source graph's at token 0 of {CHECK_TOKENS}; nothing written$"):
+            package(nano_export, tmp_path / "nano.spj", tar=tar)
+        assert not list(tmp_path.iterdir())
+
+
 def test_tar_holds_one_folder_and_runs_like_the_directory(exported, packaged, tmp_path):
     out, _ = packaged
     report = package(exported, tmp_path / "nano.spj", tar=True)
@@ -150,11 +179,11 @@ def test_bad_input_writes_nothing(exported, tmp_path, case):
 
 # --- through the CLI (once `spj-edge package` is wired into cli.py) ------------------------------------------------
 def test_cli_writes_a_tar_package(exported, tmp_path):
-    result = run_cli("package", "--model", exported, "--out", tmp_path / "dist" / "nano.spj", "--tar")
+    result = cli("package", "--model", exported, "--out", tmp_path / "dist" / "nano.spj", "--tar")
     assert result.returncode == 0, result.stderr
     assert isinstance(Generator.load(tmp_path / "dist" / "nano.spj.tar.gz").generate("Hi", max_new_tokens=4), str)
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
-    assert_one_line_error(run_cli("package", "--model", tmp_path / "nothing", "--out", tmp_path / "x.spj"),
+    assert_one_line_error(cli("package", "--model", tmp_path / "nothing", "--out", tmp_path / "x.spj"),
                           "nothing/model.onnx: no such file")

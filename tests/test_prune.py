@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from conftest import UD, assert_one_line_error, logit_bound, run_cli
+from conftest import UD, assert_one_line_error, cli, logit_bound
 from spj_edge.checkpoint import load_checkpoint, load_model
 from spj_edge.export import export
 from spj_edge.options import PruneOptions
@@ -135,6 +135,6 @@ def test_magnitude_pruning_zeroes_weights_and_says_it_shrinks_nothing(nano_check
 ])
 def test_bad_flags_are_one_line_exit_2_and_nothing_written(nano_checkpoint, tmp_path, args, message):
     out = tmp_path / "out"
-    result = run_cli("prune", "--model", nano_checkpoint, *args, "--out", out)
+    result = cli("prune", "--model", nano_checkpoint, *args, "--out", out)
     assert_one_line_error(result, message)
     assert not list(tmp_path.iterdir())

@@ -8,10 +8,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import SHAKESPEARE, UD, assert_one_line_error, run_cli
+from conftest import SHAKESPEARE, UD, assert_one_line_error, cli, run_cli
 from spj_edge import contract
 from spj_edge.errors import SPJError
-from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
 from spj_edge.quantize import DECODE, PREFILL, KVCacheCalibration, float_export, quantize
@@ -20,15 +19,13 @@ CALIB = [UD / "en_ewt_dev.txt", UD / "fr_gsd_dev.txt", SHAKESPEARE / "val.txt"]
 
 
 @pytest.fixture(scope="module")
-def exports(nano_checkpoint, tmp_path_factory):
-    root = tmp_path_factory.mktemp("exports")
-    export(nano_checkpoint, root / "fused", opset=17)
-    export(nano_checkpoint, root / "plain", opset=17, fuse=False)
-    return root
+def exports(nano_export, nano_plain_export):
+    """The session's exports of nano_checkpoint (conftest), opset 17: the fused graph and the plain one."""
+    return {"fused": nano_export, "plain": nano_plain_export}
 
 
 def model_layers(exports) -> int:
-    return float_export(exports / "fused").config.num_hidden_layers
+    return float_export(exports["fused"]).config.num_hidden_layers
 
 
 def assert_contract(path, config):
@@ -41,7 +38,7 @@ def assert_contract(path, config):
 
 def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(exports, tmp_path):
     out = tmp_path / "int8"
-    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", out, cwd=tmp_path)
+    result = cli("quantize", "--model", exports["fused"], "--calib", *CALIB, "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["int8"], "nothing is written outside --out"
     report = json.loads((out / "report.json").read_text())
@@ -59,7 +56,7 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     assert report["settings"]["calibration_samples"] >= 4 and report["target"] in ("x86-vnni", "x86", "arm64")
     assert set(report["speed"]) == {"threads_1", "threads_2"} and report["best_threads"] in (1, 2)
     assert report["file_bytes"]["static"] < report["file_bytes"]["float32"]
-    model = float_export(exports / "fused")
+    model = float_export(exports["fused"])
     assert_contract(out / "model.onnx", model.config)
     proto = onnx.load(out / "model.onnx")
     initializers = {i.name: i for i in proto.graph.initializer}
@@ -75,19 +72,19 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     ("static", {"calibration": "minmax", "per_channel": False, "smoothquant": 0.5}, "MatMulIntegerToFloat"),
 ])
 def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
-    report = quantize(exports / "fused", tmp_path / mode, calib=CALIB,
+    report = quantize(exports["fused"], tmp_path / mode, calib=CALIB,
                       options=QuantizeOptions(mode=mode, measure=False, **options))
     assert report["gate"]["passed"] and report["gate"]["top1_agreement"] >= 0.95
     assert report["executed"]["integer_ops"].get(kernel, 0) >= 1
     kept = [n for n in report["excluded"] if n.startswith("/")]
     assert sorted(kept) == sorted(report["executed"]["float_weight_matmuls"])
-    assert_contract(tmp_path / mode / "model.onnx", float_export(exports / "fused").config)
+    assert_contract(tmp_path / mode / "model.onnx", float_export(exports["fused"]).config)
 
 
 def test_onnxruntime_says_nothing_but_each_attempt_and_the_summary(exports, tmp_path):
     """Issue 19.7: onnxruntime's int4 quantizer logged ~300 INFO lines (it sets the root logger to INFO) and dynamic
     mode ~150 warnings through the same root logger; int4 stands for both."""
-    result = run_cli("quantize", "--model", exports / "fused", "--calib", *CALIB, "--out", tmp_path / "int4", "--mode",
+    result = run_cli("quantize", "--model", exports["fused"], "--calib", *CALIB, "--out", tmp_path / "int4", "--mode",
                      "int4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines() if line.strip()]
@@ -103,13 +100,13 @@ def test_quantizing_every_op_type_is_caught_by_the_gate(exports, tmp_path):
     plain graph."""
     with pytest.raises(SPJError, match=r"static quantization failed the accuracy gate: .*top-1 agreement with "
                                        r"float32 where it is confident is \d+\.\d+%, under the 97\.00% required"):
-        quantize(exports / "plain", tmp_path / "bad", calib=CALIB,
+        quantize(exports["plain"], tmp_path / "bad", calib=CALIB,
                  options=QuantizeOptions(op_types=None, calibration="minmax", measure=False))
     assert not (tmp_path / "bad").exists() and not list(tmp_path.iterdir())
 
 
 def test_calibration_feeds_prefill_then_decode_with_the_real_cache(exports):
-    model = float_export(exports / "fused")
+    model = float_export(exports["fused"])
     lm = OnnxLM(model.graph_path, model.config)
     window = np.arange(3, 3 + PREFILL + DECODE)
     feeds = list(iter(KVCacheCalibration(lm, [window]).get_next, None))
@@ -127,7 +124,7 @@ def test_calibration_feeds_prefill_then_decode_with_the_real_cache(exports):
 @pytest.mark.parametrize("case", ["empty-dir", "no-text", "binary", "corrupt-onnx", "foreign-onnx", "little-text"])
 def test_bad_input_is_refused_in_one_line(exports, tmp_path, case):
     model_dir = tmp_path / "model"
-    shutil.copytree(exports / "fused", model_dir)
+    shutil.copytree(exports["fused"], model_dir)
     calib = tmp_path / "calib"
     calib.mkdir()
     fragments = []
@@ -154,6 +151,6 @@ def test_bad_input_is_refused_in_one_line(exports, tmp_path, case):
                                            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
             onnx.save(onnx.helper.make_model(graph), model_dir / "model.onnx")
             fragments = ["model.onnx: inputs ['x']", "not the spj-edge ONNX contract"]
-    result = run_cli("quantize", "--model", model_dir, "--calib", calib, "--out", tmp_path / "out")
+    result = cli("quantize", "--model", model_dir, "--calib", calib, "--out", tmp_path / "out")
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out").exists()

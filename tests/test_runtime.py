@@ -13,7 +13,7 @@ import venv
 import pytest
 import torch
 
-from conftest import REPO, assert_one_line_error, run_cli
+from conftest import REPO, assert_one_line_error, cli
 from spj_edge.checkpoint import load_checkpoint, save_checkpoint
 from spj_edge.errors import SPJError
 from spj_edge.export import export
@@ -45,12 +45,9 @@ def runtime_cli(*args, env=None, stdin=None, cwd=REPO, python=sys.executable, ti
 
 
 @pytest.fixture(scope="module")
-def pkg(nano_checkpoint, tmp_path_factory):
-    dist = tmp_path_factory.mktemp("dist")
-    export(nano_checkpoint, dist / "onnx")
-    package(dist / "onnx", dist / "nano.spj")
-    package(dist / "onnx", dist / "nano.spj", tar=True)
-    return dist / "nano.spj"
+def pkg(nano_package):
+    """The session's package of nano (conftest), a directory with the same package as a .tar.gz beside it."""
+    return nano_package
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +135,7 @@ def test_cli_needs_no_toolchain_and_prints_what_spj_edge_generate_prints(pkg, na
     assert blocked.returncode == 1 and "torch is blocked" in blocked.stderr
 
     flags = ["--prompt", PROMPTS[0], "--temperature", "0", "--max-new-tokens", "64", "--ignore-eos"]
-    expected = run_cli("generate", "--model", nano_checkpoint, *flags)
+    expected = cli("generate", "--model", nano_checkpoint, *flags)
     assert expected.returncode == 0, expected.stderr
     for model in (pkg, f"{pkg}.tar.gz"):
         result = runtime_cli("--model", model, *flags, env=env)

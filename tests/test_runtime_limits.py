@@ -20,21 +20,16 @@ from tokenizers import Tokenizer
 from conftest import REPO, SHAKESPEARE, assert_one_line_error
 from spj_edge.data import TEXT_MAX_BYTES, read_text
 from spj_edge.errors import SPJError
-from spj_edge.export import export
 from spj_edge.config import SPJConfig
-from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.runtime.generator import PROMPT_MAX_BYTES, cores, text_pieces
 from spj_edge.runtime.reader import ARCHIVE_MAX_BYTES
-from test_bad_inputs import build_checkpoint, rehash
+from test_bad_inputs import rehash
 
 
 @pytest.fixture(scope="module")
-def pkg(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("limits")
-    export(build_checkpoint(root / "ckpt"), root / "onnx")
-    package(root / "onnx", root / "nano.spj")
-    return root / "nano.spj"
+def pkg(untrained) -> Path:
+    return untrained / "nano.spj"
 
 
 def runtime(*args, cwd: Path = REPO, stdin: bytes | None = None) -> subprocess.CompletedProcess:

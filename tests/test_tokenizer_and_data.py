@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import LANGUAGES, UD, run_cli
+from conftest import LANGUAGES, UD, cli
 from spj_edge.data import build_dataset, read_texts, split_documents, tokenize_corpus
 from spj_edge.errors import SPJError
 from spj_edge.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, token_byte_lengths, train_tokenizer
@@ -56,7 +56,7 @@ def test_our_bos_comes_from_the_tokenizer_and_old_tokenizer_files_keep_it(ud_tok
 
 def test_tokenizer_cli_reports_bytes_per_token(tmp_path):
     out = tmp_path / "tok.json"
-    result = run_cli("tokenizer", "--data", UD / "fr_gsd_dev.txt", UD / "zh_gsdsimp_dev.txt",
+    result = cli("tokenizer", "--data", UD / "fr_gsd_dev.txt", UD / "zh_gsdsimp_dev.txt",
                      "--vocab-size", 600, "--out", out)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.with_suffix(".report.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SHAKESPEARE, UD, run_cli
+from conftest import REPO, SHAKESPEARE, UD, cli, run_cli
 from grad_probe import SUMMATION_ORDER_BOUND, first_step_gradients, relative_difference
 from spj_edge.checkpoint import load_model
 from spj_edge.data import build_dataset, tokenize_corpus
@@ -100,8 +100,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path):
 def test_resume_refuses_changed_settings(tmp_path):
     out = tmp_path / "run"
     args = [a if a != "40" else "4" for a in TRAIN_ARGS]
-    assert run_cli(*args, "--out", out).returncode == 0
-    result = run_cli(*[a if a != "7" else "8" for a in args], "--out", out, "--resume")
+    assert cli(*args, "--out", out).returncode == 0
+    result = cli(*[a if a != "7" else "8" for a in args], "--out", out, "--resume")
     assert result.returncode == 2 and "cannot resume with different settings (seed changed)" in result.stderr
 
 
@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_exit_2_and_no_output(tmp_path, args, message):
     (tmp_path / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
     args = [{"EMPTY": tmp_path / "empty", "LATIN1": tmp_path / "latin1.txt"}.get(a, a) for a in args]
     out = tmp_path / "out"
-    result = run_cli("train", "--preset", "nano", *args, "--out", out)
+    result = cli("train", "--preset", "nano", *args, "--out", out)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
