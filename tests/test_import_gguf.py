@@ -22,6 +22,7 @@ TINY = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, context=512)
 # Each tensor kind in another type, so that every dequantizer the real file needs (and F16) is exercised.
 TYPES = {"token_embd": "Q8_0", "attn_q": "F16", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_1",
          "ffn_gate": "Q4_1", "ffn_up": "F16", "ffn_down": "Q8_0"}
+SMALL_VOCABULARY = 1024  # write_tiny_gguf's for the refusals: a tenth of the seconds SmolLM2's 49,152 tokens take
 CONVERSATION = [{"role": "user", "content": "Combien font 12 et 30 ?"}, {"role": "assistant", "content": "42."},
                 {"role": "user", "content": "我们明天见？"}]
 
@@ -50,12 +51,24 @@ def smollm2_tokenizer_metadata() -> dict:
     return {key: fields[key].contents() for key in fields if key.startswith("tokenizer.")}
 
 
-def write_tiny_gguf(path, architecture: str = "llama", tensor_types: dict | None = None) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path, architecture: str = "llama", tensor_types: dict | None = None,
+                    vocabulary: int | None = None) -> dict[str, np.ndarray]:
     """A 2-layer Llama with SmolLM2's tokenizer, as llama.cpp writes one; returns q_proj of layer 0 in Hugging Face's
-    row order, to check the un-permutation against."""
+    row order, to check the un-permutation against. `vocabulary`: only SmolLM2's first tokens (its specials, the 256
+    bytes and the first merges' results) and the merges among them, a valid BPE that reads and imports in a fraction
+    of the time, for refusals whose cause is elsewhere."""
     from gguf import GGMLQuantizationType, GGUFWriter, quants
 
-    field = smollm2_tokenizer_metadata().__getitem__
+    metadata = smollm2_tokenizer_metadata()
+    if vocabulary is not None:
+        kept = metadata["tokenizer.ggml.tokens"][:vocabulary]
+        known = set(kept)
+        merges = [m for m in metadata["tokenizer.ggml.merges"]
+                  if (pair := m.split(" ")) and len(pair) == 2 and pair[0] in known and pair[1] in known
+                  and pair[0] + pair[1] in known]
+        metadata = {**metadata, "tokenizer.ggml.tokens": kept, "tokenizer.ggml.merges": merges,
+                    "tokenizer.ggml.token_type": metadata["tokenizer.ggml.token_type"][:vocabulary]}
+    field = metadata.__getitem__
     tokens = field("tokenizer.ggml.tokens")
     writer = GGUFWriter(str(path), architecture)
     writer.add_block_count(TINY["layers"])
@@ -222,14 +235,15 @@ def test_bad_input_gives_one_line_and_writes_nothing(imported, tmp_path, case):
         gguf.write_text("First Citizen:\n")
         fragments = ["model.gguf: not a GGUF file"]
     elif case == "truncated":
-        data = (ckpt.parent / "tiny.gguf").read_bytes()
+        write_tiny_gguf(gguf, vocabulary=SMALL_VOCABULARY)
+        data = gguf.read_bytes()
         gguf.write_bytes(data[: len(data) // 2])
         fragments = ["model.gguf: damaged or truncated GGUF file"]
     elif case == "qwen2":
-        write_tiny_gguf(gguf, architecture="qwen2")
+        write_tiny_gguf(gguf, architecture="qwen2", vocabulary=SMALL_VOCABULARY)
         fragments = ["model.gguf: architecture 'qwen2' is not supported (supported: 'llama')"]
     elif case == "tensor-type":
-        write_tiny_gguf(gguf, tensor_types={"ffn_up": "IQ4_NL"})
+        write_tiny_gguf(gguf, tensor_types={"ffn_up": "IQ4_NL"}, vocabulary=SMALL_VOCABULARY)
         fragments = ["tensor type IQ4_NL is not supported"]
     else:
         gguf = ckpt.parent / "tiny.gguf"
