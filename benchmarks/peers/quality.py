@@ -9,8 +9,9 @@ what our gate's mean. A peer's logits come from logits_server.py in its own venv
 (nothing written to disk). Two sets of windows:
 - the gate's: the 24 held-out windows `spj-edge quantize --eval` scores (UD *_test and tinyshakespeare val, pooled);
   bits per byte, top-1 agreement with our float32 export (overall and where float32 is confident) and KL;
-- per file, as `spj-edge eval` cuts them (32 windows of 128 tokens each): bits per byte per language.
-Writes results/<model>-quality.json and .md.
+- per file, as `spj-edge eval` cuts them (windows of 128 tokens spread evenly; eval's default is 32 a file,
+  --file-windows): bits per byte per language.
+Writes results/<model>-quality.json and .md, again after each mode (a long run keeps what it has measured).
 """
 from __future__ import annotations
 
@@ -69,20 +70,20 @@ def modes(work: Path) -> list[Mode]:
     listed = [Mode("spj-edge float32 (reference)", "onnx", work / "onnx" / "model.onnx", work / "onnx" / "model.onnx"),
               Mode("spj-edge static int8", "onnx", work / "int8" / "model.onnx", work / "int8" / "model.onnx"),
               Mode("spj-edge int4", "onnx", work / "int4" / "model.onnx", work / "int4" / "model.onnx"),
-              Mode("llama.cpp F32 (pipeline check)", "llama", work / "gguf" / "f32.gguf", work / "gguf" / "f32.gguf"),
-              Mode("llama.cpp F16", "llama", work / "gguf" / "f16.gguf", work / "gguf" / "f16.gguf"),
+              Mode("llama.cpp F16 (pipeline check)", "llama", work / "gguf" / "f16.gguf", work / "gguf" / "f16.gguf"),
               Mode("llama.cpp Q8_0", "llama", work / "gguf" / "q8_0.gguf", work / "gguf" / "q8_0.gguf"),
               Mode("llama.cpp Q4_0", "llama", work / "gguf" / "q4_0.gguf", work / "gguf" / "q4_0.gguf"),
-              Mode("onnxruntime-genai int4", "genai", work / "genai" / "int4", work / "genai" / "int4")]
+              Mode("onnxruntime-genai int4", "genai", work / "genai" / "int4", work / "genai" / "int4"),
+              Mode("llama.cpp F32 (pipeline check)", "llama", work / "gguf" / "f32.gguf", work / "gguf" / "f32.gguf")]
     for m in listed:
         if not m.model.exists():
             print(f"quality.py: skipping {m.name}: {m.model} missing (setup.sh, build.py)", file=sys.stderr)
     return [m for m in listed if m.model.exists()]
 
 
-def per_file_windows(tokenizer, files: list[str]) -> dict[str, list[np.ndarray]]:
-    """Each file's windows as `spj-edge eval` cuts them (evaluate.run)."""
-    options = EvalOptions()
+def per_file_windows(tokenizer, files: list[str], count: int) -> dict[str, list[np.ndarray]]:
+    """Each file's windows as `spj-edge eval --windows count` cuts them (evaluate.run)."""
+    options = EvalOptions(windows=count)
     return {Path(path).name: spaced_windows(tokenize_corpus([text], tokenizer), options.window_tokens, options.windows)
             for path, text in read_texts(files).items()}
 
@@ -112,15 +113,20 @@ def report_gate(mode: Mode) -> dict | None:
                                           "kl", "passed")}
 
 
-def evaluate(model: str) -> dict:
+def evaluate(model: str, file_windows_count: int, save) -> None:
+    """Measures each mode in turn, handing `save` the result so far after each."""
     work = HERE / ".work" / model
     float_model = float_export(work / "onnx")
     config, tokenizer = float_model.config, float_model.tokenizer
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
     _, gate_windows = prepare_text(float_model, CALIB, EVAL, QuantizeOptions(mode="int4"))  # the int4 gate's = int8's
-    file_windows = per_file_windows(tokenizer, EVAL)
+    file_windows = per_file_windows(tokenizer, EVAL, file_windows_count)
     reference = Reference.of(OnnxLM(float_model.graph_path, config), gate_windows, byte_lengths)
     rows = []
+    result = {"model": model, "settings": {
+        "gate_windows": len(gate_windows), "gate_text": [Path(p).name for p in EVAL],
+        "per_file_windows": {language(f): len(ws) for f, ws in file_windows.items()},
+        "window_tokens": len(gate_windows[0]), "confident_margin_logits": 1.0}, "rows": rows}
     for mode in modes(work):
         print(f"quality: {mode.name}", flush=True)
         lm = open_lm(mode, config)
@@ -129,10 +135,7 @@ def evaluate(model: str) -> dict:
                      "quantize_report_gate": report_gate(mode)})
         if isinstance(lm, PeerLM):
             lm.close()
-    return {"model": model, "settings": {
-        "gate_windows": len(gate_windows), "gate_text": [Path(p).name for p in EVAL],
-        "per_file_windows": {language(f): len(ws) for f, ws in file_windows.items()},
-        "window_tokens": len(gate_windows[0]), "confident_margin_logits": 1.0}, "rows": rows}
+        save(result)
 
 
 def markdown(result: dict) -> str:
@@ -159,14 +162,18 @@ def markdown(result: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2")
+    ap.add_argument("--file-windows", type=int, default=EvalOptions().windows, help="per file (default: eval's)")
     args = ap.parse_args()
     if not (HERE / ".work" / args.model / "onnx").exists():
         sys.exit(f"quality.py: run build.py {args.model} first")
-    result = evaluate(args.model)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.model}-quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{args.model}-quality.md").write_text(markdown(result))
-    print(markdown(result))
+
+    def save(result: dict) -> None:
+        (RESULTS / f"{args.model}-quality.json").write_text(json.dumps(result, indent=1) + "\n")
+        (RESULTS / f"{args.model}-quality.md").write_text(markdown(result))
+        print(markdown(result), flush=True)
+
+    evaluate(args.model, args.file_windows, save)
 
 
 if __name__ == "__main__":
