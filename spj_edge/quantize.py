@@ -12,6 +12,9 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
 - A real LM's outlier channels are smoothed into the weights, and what int8 would still break stays float, both
   decided from the calibration statistics (smoothquant.py).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8 everywhere, 7-bit weights on x86 without VNNI.
+- int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
+  channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
+  and the LM head if 4 bits fail the gate, get 8-bit MatMulNBits weights instead.
 The gate measures held-out bits per byte, top-1 next-token agreement with the float model where it is confident, and
 KL, on text calibration did not see; a model that fails it is not written (unless --force).
 """
@@ -51,6 +54,7 @@ PROFILE_DIRS = (Path(__file__).parent / "exporters", Path(__file__).parent.paren
 PERCENTILE = 99.999  # of each smoothed input's calibration sample, with --calibration percentile
 PREFILL, DECODE = CALIBRATION_PREFILL, CALIBRATION_DECODE
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+HEAD = "/lm_head/MatMul"
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulNBits")
 
 
@@ -277,8 +281,10 @@ class Recipe:
 
 
 def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
-                   calibration: KVCacheCalibration | None, activation_ranges: Path | None) -> None:
-    """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them").
+                   calibration: KVCacheCalibration | None, activation_ranges: Path | None,
+                   eight_bit: list[str] = ()) -> None:
+    """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them");
+    int4 gives those of them in `eight_bit` 8-bit weights.
     Static mode takes its activation ranges from `activation_ranges` (onnxruntime's own calibration cache format);
     without them (the --op-types experiments, which quantize more than weight MatMuls) onnxruntime's min/max
     calibrator runs on the feeds."""
@@ -300,11 +306,15 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                          weight_type=QUANT_TYPES[p.weight_type], extra_options={"MatMulConstBOnly": True})
     else:
         model = onnx.load(str(source))
-        excluded = [n for n in weight_matmuls(model) if n not in nodes]
-        quantizer = MatMulNBitsQuantizer(model, block_size=options.block_size, is_symmetric=True,
-                                         accuracy_level=options.accuracy_level, nodes_to_exclude=excluded)
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+        every = weight_matmuls(model)
+        for bits, chosen in ((4, [n for n in nodes if n not in eight_bit]), (8, [n for n in nodes if n in eight_bit])):
+            if chosen:  # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
+                quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
+                                                 accuracy_level=options.accuracy_level,
+                                                 nodes_to_exclude=[n for n in every if n not in chosen])
+                quantizer.process()
+                model = quantizer.model.model
+        onnx.save(model, str(target))
 
 
 def quantize_embedding(path: Path) -> bool:
@@ -466,7 +476,7 @@ def prepare_text(float_model: ExportArtifact, calib: list, eval_data: list | Non
     if not eval_set:
         raise SPJError(f"{', '.join(map(str, eval_data or calib))}: too little held-out text for the accuracy gate "
                        f"(need at least {SCORED_WINDOW} tokens)")
-    if options.mode != "static":
+    if options.mode == "dynamic":
         return [], eval_set
     calib_set = spaced_windows(calib_stream, min(PREFILL + DECODE, context), options.calib_samples)
     if len(calib_set) < min(4, options.calib_samples):
@@ -496,8 +506,8 @@ def chat_windows(tokenizer, calib: list, length: int, count: int) -> list[np.nda
 
 
 def statistics_inputs(recipe: Recipe, proto: onnx.ModelProto) -> list[str]:
-    """The tensors static mode's statistics read: every weight MatMul's input."""
-    if recipe.mode != "static" or recipe.options.op_types != ("MatMul",):
+    """The tensors the calibration statistics of static int8 and int4 read: every weight MatMul's input."""
+    if recipe.mode == "dynamic" or recipe.options.op_types != ("MatMul",):
         return []
     matmuls = set(weight_matmuls(proto))
     return list(dict.fromkeys(n.input[0] for n in proto.graph.node if n.name in matmuls))
@@ -527,30 +537,35 @@ class Outcome:
     failures: list[str]
     excluded: dict[str, str]  # node → why
     quantized: list[str]
-    plan: smoothquant.Plan | None  # static mode: smoothing per MatMul, estimated errors
+    plan: smoothquant.Plan | None  # static and int4 with calibration: scaling per MatMul, estimated errors
+    eight_bit: dict[str, str]  # int4: the MatMuls given 8-bit weights, and why
 
 
-def static_plan(float_model: ExportArtifact, statistics: smoothquant.ActivationStatistics, recipe: Recipe,
-                matmuls: list[str], tmp: Path) -> tuple[smoothquant.Plan, Path, Path]:
-    """The calibration statistics decide the smoothing and what stays float (smoothquant.py). Returns the plan, the
-    smoothed graph and the activation ranges as onnxruntime's calibration cache. The smoothing is folded into the
-    export's parsed graph itself, which is let go of once written (weights as external data, a tensor at a time)."""
+def scaling_plan(float_model: ExportArtifact, statistics: smoothquant.ActivationStatistics, recipe: Recipe,
+                 matmuls: list[str], tmp: Path) -> tuple[smoothquant.Plan, Path, Path | None]:
+    """The calibration statistics decide each MatMul's scaling (SmoothQuant for static int8, AWQ for int4) and what
+    is kept at a higher precision (smoothquant.py). Returns the plan, the scaled graph and, for static int8, the
+    activation ranges as onnxruntime's calibration cache. The scaling is folded into the export's parsed graph
+    itself, which is let go of once written (weights as external data, a tensor at a time)."""
+    static = recipe.mode == "static"
+    mode = smoothquant.STATIC if static else smoothquant.int4(recipe.options.block_size)
     proto = float_model.proto
     nodes = {n.name: n for n in proto.graph.node}
     found = smoothquant.folds(proto, float_model.config)
-    plan = smoothquant.plan(proto, statistics, found, matmuls, recipe.options.smoothquant)
-    scales = smoothquant.apply(proto, statistics, found, plan)
-    quantized = [nodes[m].input[0] for m in matmuls if m not in plan.float_kept]
-    smoothed = tmp / "smoothed.onnx"
-    onnx.save(proto, str(smoothed), save_as_external_data=True, location=f"{smoothed.name}.data")
-    float_model.forget_graph()  # its weights are the smoothed ones now
-    low_high = smoothquant.ranges(statistics, scales, quantized,
+    plan = smoothquant.plan(proto, statistics, found, matmuls, mode, recipe.options.smoothquant)
+    scales = smoothquant.apply(proto, found, plan, [m for m in matmuls if not (static and m in plan.kept)])
+    scaled = tmp / "scaled.onnx"
+    onnx.save(proto, str(scaled), save_as_external_data=True, location=f"{scaled.name}.data")
+    float_model.forget_graph()  # its weights are the scaled ones now
+    if not static:
+        return plan, scaled, None
+    low_high = smoothquant.ranges(statistics, scales, [nodes[m].input[0] for m in matmuls if m not in plan.kept],
                                   PERCENTILE if recipe.calibration == "percentile" else None)
     cache = tmp / "activation_ranges.json"
     save_tensors_data(TensorsData(CalibrationMethod.MinMax, {
         name: TensorData(lowest=np.array(low, np.float32), highest=np.array(high, np.float32))
         for name, (low, high) in low_high.items()}), cache)
-    return plan, smoothed, cache
+    return plan, scaled, cache
 
 
 def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eval_set: list[np.ndarray],
@@ -577,8 +592,9 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         calibration = KVCacheCalibration(float_lm, calib_set)
     del float_lm
     if statistics is not None:
-        plan, source, activation_ranges = static_plan(float_model, statistics, recipe, matmuls, tmp)
+        plan, source, activation_ranges = scaling_plan(float_model, statistics, recipe, matmuls, tmp)
         del statistics
+    eight_bit = dict(plan.kept) if plan and recipe.mode == "int4" else {}
     candidate = tmp / "model.onnx"
     attempts = 0
 
@@ -587,7 +603,7 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         nodes = [n for n in matmuls if n not in excluded]
         if nodes:
             with quiet_onnxruntime():
-                quantize_graph(source, candidate, recipe, nodes, calibration, activation_ranges)
+                quantize_graph(source, candidate, recipe, nodes, calibration, activation_ranges, list(eight_bit))
         else:  # nothing left to quantize but the embedding: onnxruntime would read an empty list as "everything"
             onnx.save(onnx.load(str(source)), str(candidate))  # the smoothed graph's weights are external
         quantize_embedding(candidate)
@@ -599,11 +615,13 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
                    f"{figures['top1_agreement_confident']:.2%} where float32 is confident "
                    f"({figures['top1_agreement']:.2%} overall), KL {figures['kl']:.4f}: "
                    f"{'fails the gate' if failures else 'passes'}")
-        return Outcome(candidate, figures, failures, excluded, nodes, plan)
+        return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit))
 
-    outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **(plan.float_kept if plan else {})})
-    if outcome.failures and options.mode == "int4" and "/lm_head/MatMul" not in outcome.excluded:
-        outcome = attempt({**outcome.excluded, "/lm_head/MatMul": "int4 LM head broke the accuracy gate"})
+    float_kept = plan.kept if plan and recipe.mode == "static" else {}
+    outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **float_kept})
+    if (outcome.failures and options.mode == "int4" and HEAD in outcome.quantized and HEAD not in eight_bit):
+        eight_bit[HEAD] = "a 4-bit LM head broke the accuracy gate"
+        outcome = attempt(outcome.excluded)
     if outcome.failures and options.auto_exclude:
         order = [n for n in sensitivity_order(float_model, candidate, eval_set[0]) if n not in outcome.excluded]
         kept, count = outcome.excluded, 1
@@ -639,14 +657,17 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
                      "block_size": options.block_size if mode == "int4" else None,
                      "accuracy_level": options.accuracy_level if mode == "int4" else None,
                      "calibration_samples": calibration_samples,
-                     "smoothquant_alpha": "per MatMul, from the calibration statistics" if options.smoothquant is None
-                     else options.smoothquant,
+                     "scaling": None if mode == "dynamic" else (
+                         f"{'AWQ' if mode == 'int4' else 'SmoothQuant'}, alpha "
+                         f"{options.smoothquant if options.smoothquant is not None else 'per MatMul, from the statistics'}"),
                      "calibration_feeds": (f"per sample, a prefill of {PREFILL} tokens then {DECODE} cached decode "
                                            "steps" if calibration_samples else None)},
         "quantized": outcome.quantized,
         "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded}
                       if outcome.plan else {}),
-        "estimated_int8_error": ({n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),
+        f"estimated_{'int4' if mode == 'int4' else 'int8'}_error": (
+            {n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),
+        "eight_bit": outcome.eight_bit,
         "embedding": "int8 rows with a float scale per row (for size: a Gather reads one row a token)",
         "excluded": {**outcome.excluded, "(everything but weight MatMuls and the embedding)": "attention scores, "
                      "masks and norms gain nothing from int8 and break when quantized"},
@@ -677,6 +698,8 @@ def print_report(report: dict, model_dir: Path, out: Path) -> None:
              f"({figures['confident_share']:.0%} of {figures['positions']}), {figures['top1_agreement']:.2%} overall"),
             ("KL(float32 ‖ quantized)", f"{figures['kl']:.4f} nats a token"),
             ("integer kernels", json.dumps(report["executed"]["integer_ops"])), ("kept in float", len(kept))]
+    if report["eight_bit"]:
+        rows.append(("8-bit weights", ", ".join(report["eight_bit"])))
     if report["speed"]:
         best = report["speed"][f"threads_{report['best_threads']}"]
         rows.append(("decode tokens/s", f"{best[mode]['decode_tokens_per_s']:.0f} vs float32 "

@@ -13,6 +13,8 @@ per output column. The division is folded into whatever makes the input, so the 
 error stays over FLOAT_ABOVE after that is kept in float (on SmolLM2: most `down_proj`, a few `o_proj`).
 The activation ranges then go to ONNX Runtime's quantizer as its own calibration cache, so that its calibrators
 (minutes and gigabytes on a 135M model) never run.
+int4 (weights only, in blocks of 32) folds AWQ's scales the same way: s_j = mean|x_j|^α, α per MatMul by the
+estimated 4-bit error of its output, so that the channels that carry the most signal are rounded the finest.
 """
 from __future__ import annotations
 
@@ -28,8 +30,12 @@ ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # `down_proj` at 2.6-23 %. Static int8 of all of them (smoothed) costs +2-5 % bits per byte on held-out text; keeping
 # those over 3 % in float, +1.02 %; over 2.5 % (every down_proj and 10 o_proj), +0.23 %.
 FLOAT_ABOVE = 0.025
-SAMPLE_ROWS = 512  # calibration tokens kept per input for the error estimate
-WEIGHT_COLUMNS = 4096  # output columns the estimate uses (the LM head has 49,152)
+INT4_ALPHAS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)  # AWQ's; on SmolLM2-135M it picks 0.1-0.5 from a grid of tenths
+# int4's estimate (weights alone rounded, in blocks of 32) on SmolLM2-135M: 2-12 % for every MatMul, 1.5-12 % after
+# AWQ's scaling, no outlier among them; over this, a MatMul gets 8-bit weights (MatMulNBits too) instead.
+EIGHT_BITS_ABOVE = 0.15
+SAMPLE_ROWS = 256  # calibration tokens kept per input for the error estimate
+WEIGHT_COLUMNS = 1024  # output columns the estimate uses (the LM head has 49,152)
 
 
 @dataclass
@@ -69,10 +75,13 @@ class Fold:
 
 @dataclass
 class Plan:
-    """Per weight MatMul: its smoothing α (0: none), its estimated int8 error, and why it stays float, if it does."""
+    """Per weight MatMul: its scaling α (0: none) and the scale itself, its estimated error, and why it is kept at a
+    higher precision (`kept_as`: float for static int8, 8-bit weights for int4), if it is."""
     alpha: dict[str, float]
     error: dict[str, float]
-    float_kept: dict[str, str]
+    kept: dict[str, str]
+    scales: dict[str, np.ndarray]
+    kept_as: str
 
 
 def folds(proto: onnx.ModelProto, config) -> dict[str, Fold]:
@@ -124,84 +133,126 @@ def folds(proto: onnx.ModelProto, config) -> dict[str, Fold]:
     return found
 
 
-def _quantized_weight(w: np.ndarray) -> np.ndarray:
+def _int8_weight(w: np.ndarray) -> np.ndarray:
     """Symmetric int8, one scale per output column (the profiles' per-channel weights), dequantized."""
     scale = np.maximum(np.abs(w).max(0, keepdims=True), 1e-12) / 127
     return np.round(w / scale) * scale
 
 
-def _quantized_activation(x: np.ndarray) -> np.ndarray:
+def _uint8_activation(x: np.ndarray) -> np.ndarray:
     """Asymmetric uint8 over the tensor's range, zero included, dequantized: what a static per-tensor scale gives."""
     low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = max(high - low, 1e-12) / 255
-    zero = np.round(-low / scale)
+    scale = np.float32(max(high - low, 1e-12) / 255)
+    zero = np.round(-low / scale).astype(np.float32)  # float32 throughout: a float64 scalar would widen the GEMM
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def output_error(x: np.ndarray, w: np.ndarray) -> float:
-    """The median over tokens of the relative error of x @ w when both are int8 (a median, as the few tokens with
-    massive activations would otherwise set the figure alone)."""
-    reference = x @ w
-    error = np.linalg.norm(_quantized_activation(x) @ _quantized_weight(w) - reference, axis=1)
+def int4_weight(w: np.ndarray, block: int) -> np.ndarray:
+    """Symmetric 4-bit blocks of `block` rows along the input axis, dequantized: MatMulNBits' symmetric form (and
+    llama.cpp's Q4_0), the scale the block's largest magnitude over -8, so that it lands on -8 exactly."""
+    rows, columns = w.shape
+    blocks = np.pad(w, ((0, -rows % block), (0, 0))).reshape(-1, block, columns)  # the last block zero-padded
+    largest = np.take_along_axis(blocks, np.abs(blocks).argmax(1)[:, None], 1)
+    scale = np.where(largest == 0, 1, largest / -8)
+    return (np.clip(np.round(blocks / scale), -8, 7) * scale).reshape(-1, columns)[:rows]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How a quantization mode rounds a weight MatMul, for the estimates that choose its scaling and what it keeps at
+    a higher precision (`kept_as`, when its estimated error is over `keep_above`).
+    static int8 (SmoothQuant): s_j = max|x_j|^α / max|W_j|^(1-α); the input is rounded too, per tensor.
+    int4 weights (AWQ): s_j = mean|x_j|^α, so that the channels that carry the most signal get the finest steps."""
+    name: str
+    alphas: tuple[float, ...]
+    keep_above: float
+    kept_as: str
+    block_size: int | None = None  # int4
+
+    @property
+    def activation_aware(self) -> bool:
+        return self.block_size is not None
+
+    def product(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        if self.block_size is None:
+            return _uint8_activation(x) @ _int8_weight(w)
+        return x @ int4_weight(w, self.block_size)
+
+
+STATIC = Mode("int8", ALPHAS, FLOAT_ABOVE, "float")
+
+
+def int4(block_size: int) -> Mode:
+    return Mode("int4", INT4_ALPHAS, EIGHT_BITS_ABOVE, "8-bit weights", block_size)
+
+
+def output_error(mode: Mode, x: np.ndarray, w: np.ndarray, reference: np.ndarray) -> float:
+    """The median over tokens of the relative error of x @ w as `mode` rounds it (a median, as the few tokens with
+    massive activations would otherwise set the figure alone); `reference`: x @ w in float."""
+    error = np.linalg.norm(mode.product(x, w) - reference, axis=1)
     return float(np.median(error / np.maximum(np.linalg.norm(reference, axis=1), 1e-12)))
 
 
-def smoothing_scale(absmax: np.ndarray, weight: np.ndarray, alpha: float, fold: Fold) -> np.ndarray:
-    """s_j = max|x_j|^α / max|W_j|^(1-α), one per input channel of the MatMul; under grouped-query attention the
-    channels of one KV group share their largest figures, so that one division of a V column serves them all."""
-    weight_max = np.abs(weight).max(1)
+def channel_scale(magnitude: np.ndarray, weight_max: np.ndarray | None, alpha: float, fold: Fold) -> np.ndarray:
+    """s_j = magnitude_j^α / weight_max_j^(1-α) (no weight term without `weight_max`), one per input channel of the
+    MatMul; under grouped-query attention the channels of one KV group share their largest figures, so that one
+    division of a V column serves them all."""
+    if weight_max is None:
+        weight_max = np.ones_like(magnitude)
     if fold.heads is not None:
-        shape = fold.heads
-        absmax, weight_max = (a.reshape(shape).max(1, keepdims=True) for a in (absmax, weight_max))
-    scale = np.where(absmax > 0, np.clip(absmax ** alpha / np.maximum(weight_max, 1e-8) ** (1 - alpha), 1e-5, None),
-                     1.0).astype(np.float32)
+        magnitude, weight_max = (a.reshape(fold.heads).max(1, keepdims=True) for a in (magnitude, weight_max))
+    scale = np.where(magnitude > 0, np.clip(magnitude ** alpha / np.maximum(weight_max, 1e-8) ** (1 - alpha), 1e-5,
+                                            None), 1.0).astype(np.float32)
     return np.broadcast_to(scale, fold.heads).reshape(-1) if fold.heads is not None else scale
 
 
 def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[str, Fold], matmuls: list[str],
-         alpha: float | None) -> Plan:
-    """α per MatMul (`alpha` fixes it; 0 turns smoothing off), its estimated error, and which MatMuls stay float."""
+         mode: Mode, alpha: float | None = None) -> Plan:
+    """α per MatMul (`alpha` fixes it; 0 turns scaling off), its estimated error, and which MatMuls `mode` keeps at a
+    higher precision. The estimate runs in float32 on a sample of the calibration tokens and of the output columns."""
     weights = {i.name: i for i in proto.graph.initializer}
     nodes = {n.name: n for n in proto.graph.node}
-    alphas, errors, kept = {}, {}, {}
+    alphas, errors, kept, scales = {}, {}, {}, {}
     for name in matmuls:
         node = nodes[name]
-        x = statistics.sample[node.input[0]].astype(np.float64)
-        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float64)
-        columns = np.linspace(0, w.shape[1] - 1, min(WEIGHT_COLUMNS, w.shape[1])).astype(int)
+        x = statistics.sample[node.input[0]]
+        w = numpy_helper.to_array(weights[node.input[1]])
+        magnitude = (np.abs(x).mean(0) if mode.activation_aware else statistics.absmax(node.input[0]))
+        weight_max = None if mode.activation_aware else np.abs(w).max(1)
+        w = w[:, np.linspace(0, w.shape[1] - 1, min(WEIGHT_COLUMNS, w.shape[1])).astype(int)]
+        reference = x @ w  # scaling leaves the product as it is, up to rounding
         if name not in found or alpha == 0:
-            candidates = (0.0,)  # no smoothing
+            candidates = (0.0,)
         else:
-            candidates = (0.0, *ALPHAS) if alpha is None else (alpha,)
+            candidates = (0.0, *mode.alphas) if alpha is None else (alpha,)
         best = None
         for a in candidates:
-            s = (smoothing_scale(statistics.absmax(node.input[0]), w, a, found[name]) if a else
-                 np.ones(w.shape[0], np.float32))
-            error = output_error(x / s, (w * s[:, None])[:, columns])
+            s = channel_scale(magnitude, weight_max, a, found[name]) if a else None
+            error = output_error(mode, x, w, reference) if s is None else output_error(mode, x / s, w * s[:, None],
+                                                                                       reference)
             if best is None or error < best[1]:
-                best = (a, error)
-        alphas[name], errors[name] = best
-        if best[1] > FLOAT_ABOVE:
-            kept[name] = (f"int8 error of its output estimated at {best[1]:.1%} on the calibration text (over "
-                          f"{FLOAT_ABOVE:.0%}){f', after smoothing (alpha {best[0]})' if best[0] else ''}")
-    return Plan(alphas, errors, kept)
+                best = (a, error, s)
+        alphas[name], errors[name] = best[:2]
+        if best[2] is not None:
+            scales[name] = best[2]
+        if best[1] > mode.keep_above:
+            kept[name] = (f"{mode.name} error of its output estimated at {best[1]:.1%} on the calibration text (over "
+                          f"{mode.keep_above:.1%}){f', after scaling (alpha {best[0]})' if best[0] else ''}")
+    return Plan(alphas, errors, kept, scales, mode.kept_as)
 
 
-def apply(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[str, Fold], chosen: Plan
-          ) -> dict[str, np.ndarray]:
-    """Fold the chosen smoothing into `proto`, in place; the per-channel scale of each smoothed MatMul's input."""
+def apply(proto: onnx.ModelProto, found: dict[str, Fold], chosen: Plan, scaled: list[str]) -> dict[str, np.ndarray]:
+    """Fold the chosen scaling of the MatMuls `scaled` into `proto`, in place; returns each one's input scale."""
     weights = {i.name: i for i in proto.graph.initializer}
     nodes = {n.name: n for n in proto.graph.node}
 
     def update(name: str, change) -> None:
         weights[name].CopyFrom(numpy_helper.from_array(change(numpy_helper.to_array(weights[name]).copy()), name))
 
-    # every scale from the original weights first: a fold changes another MatMul's weight (o_proj's, the V columns
-    # of q/k/v; down's, the up columns of gate/up)
-    scales = {name: smoothing_scale(statistics.absmax(nodes[name].input[0]),
-                                    numpy_helper.to_array(weights[nodes[name].input[1]]), a, found[name])
-              for name, a in chosen.alpha.items() if a and name not in chosen.float_kept}
-    for name, s in scales.items():
+    # the scales came from the original weights; a fold changes another MatMul's weight (o_proj's, the V columns of
+    # q/k/v; down's, the up columns of gate/up), which is fine as each column and row is scaled once
+    applied = {name: chosen.scales[name] for name in scaled if name in chosen.scales}
+    for name, s in applied.items():
         fold = found[name]
         source = s.reshape(fold.heads)[:, 0, :].reshape(-1) if fold.heads is not None else s
 
@@ -211,7 +262,7 @@ def apply(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[
 
         update(nodes[name].input[1], lambda w, s=s: w * s[:, None])
         update(fold.tensor, divide)
-    return {nodes[name].input[0]: s for name, s in scales.items()}
+    return {nodes[name].input[0]: s for name, s in applied.items()}
 
 
 def ranges(statistics: ActivationStatistics, scales: dict[str, np.ndarray], tensors: list[str], percentile: float | None

@@ -14,7 +14,7 @@ from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
 from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, calibration_activations, float_export,
-                               float_reference, static_plan, statistics_inputs, weight_matmuls)
+                               float_reference, scaling_plan, statistics_inputs, weight_matmuls)
 
 DOWN = "/layers.0/mlp/down_proj/MatMul"
 
@@ -26,16 +26,21 @@ def fused(nano_checkpoint, tmp_path_factory):
     return out
 
 
-def plan_of(directory, tmp_path, alpha=None):
+def statistics_of(directory, tmp_path, recipe):
     tmp_path.mkdir(exist_ok=True)
     model = float_export(directory)
-    recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
     stream, _ = calibration_split([UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"], model.tokenizer)
     windows, inputs = spaced_windows(stream, PREFILL + DECODE, 8), statistics_inputs(recipe, model.proto)
     statistics = smoothquant.ActivationStatistics.collect(
         calibration_activations(float_reference(model, recipe, tmp_path), windows, inputs), inputs,
         tokens=sum(map(len, windows)))
-    return static_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path)
+    return model, statistics
+
+
+def plan_of(directory, tmp_path, alpha=None):
+    recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
+    model, statistics = statistics_of(directory, tmp_path, recipe)
+    return scaling_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path)
 
 
 def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, tmp_path):
@@ -47,7 +52,7 @@ def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, 
         model.config.num_key_value_heads, model.config.num_attention_heads // model.config.num_key_value_heads,
         model.config.head_dim)
     plan, smoothed, _ = plan_of(fused, tmp_path, alpha=0.5)
-    assert all(a == 0.5 for n, a in plan.alpha.items() if n not in plan.float_kept)
+    assert all(a == 0.5 for n, a in plan.alpha.items() if n not in plan.kept)
     window = spaced_windows(calibration_split([UD / "fr_gsd_dev.txt"], model.tokenizer)[0], 64, 1)[0]
     reference = OnnxLM(model.graph_path, model.config).window_logits(window)
     logits = OnnxLM(smoothed, model.config).window_logits(window)
@@ -55,15 +60,15 @@ def test_every_weight_matmul_has_a_fold_and_smoothing_keeps_the_function(fused, 
     before = {i.name: numpy_helper.to_array(i) for i in model.proto.graph.initializer}
     after = {i.name: numpy_helper.to_array(i) for i in onnx.load(smoothed).graph.initializer}
     changed = [n for n in before if not np.array_equal(before[n], after[n])]
-    assert len(changed) >= len([n for n in plan.alpha if n not in plan.float_kept])
+    assert len(changed) >= len([n for n in plan.alpha if n not in plan.kept])
     # s multiplies a weight row and divides its source: the same product, rounded once more each side in float32
     assert np.abs(logits - reference).max() <= logit_bound(reference)
 
 
-def test_an_outlier_channel_is_absorbed_by_smoothing(fused, tmp_path):
+@pytest.fixture
+def planted(fused, tmp_path):
     """Channel c of layer 0's FFN made 256x larger (its `up` column ×256, its `down` row ÷256: the same function, in
-    float, up to rounding), as real LMs' `down_proj` inputs are: without smoothing the int8 estimate of that MatMul's
-    output blows up and it would stay float; with it, it is quantized."""
+    float, up to rounding), as real LMs' `down_proj` inputs are."""
     planted = tmp_path / "planted"
     shutil.copytree(fused, planted)
     proto = onnx.load(planted / "model.onnx")
@@ -79,12 +84,34 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(fused, tmp_path):
     gate_up.CopyFrom(numpy_helper.from_array(w_up, gate_up.name))
     down.CopyFrom(numpy_helper.from_array(w_down, down.name))
     onnx.save(proto, planted / "model.onnx")
+    return planted
 
+
+def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
+    """Without smoothing the int8 estimate of the planted MatMul's output blows up and it would stay float; with it,
+    it is quantized."""
     smoothed_plan, _, _ = plan_of(planted, tmp_path / "a")
     plain_plan, _, _ = plan_of(planted, tmp_path / "b", alpha=0)
-    assert plain_plan.error[DOWN] > smoothquant.FLOAT_ABOVE and DOWN in plain_plan.float_kept
-    assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.float_kept
+    assert plain_plan.error[DOWN] > smoothquant.FLOAT_ABOVE and DOWN in plain_plan.kept
+    assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.kept
     assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
+
+
+def test_awq_scaling_lowers_the_int4_estimate(planted, tmp_path):
+    """4-bit weights alone, activations float: the planted `down` row is 1/256 of its block's largest and rounds to
+    zero (under half a step of 1/8), losing the channel that carries the most signal; AWQ's scale (mean |x_c|^α)
+    trades the other rows' precision for it, and the estimate picks an α that lowers the output's error."""
+    recipe = Recipe.of(QuantizeOptions(mode="int4", measure=False))
+    model, statistics = statistics_of(planted, tmp_path, recipe)
+    found, matmuls = smoothquant.folds(model.proto, model.config), weight_matmuls(model.proto)
+    mode = smoothquant.int4(recipe.options.block_size)
+    awq = smoothquant.plan(model.proto, statistics, found, matmuls, mode)
+    plain = smoothquant.plan(model.proto, statistics, found, matmuls, mode, alpha=0)
+    w = numpy_helper.to_array({i.name: i for i in model.proto.graph.initializer}[
+        next(n for n in model.proto.graph.node if n.name == DOWN).input[1]])
+    assert not smoothquant.int4_weight(w, recipe.options.block_size)[5].any()
+    assert awq.alpha[DOWN] > 0 and awq.error[DOWN] < plain.error[DOWN]
+    assert all(awq.error[n] <= plain.error[n] for n in matmuls)  # α = 0 is always a candidate
 
 
 def test_statistics_in_one_pass_see_what_the_cached_feeds_give(fused):
