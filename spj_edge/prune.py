@@ -147,6 +147,8 @@ def prune_model(model: Transformer, options: PruneOptions,
         state[mlp + "down_proj.weight"] = state[mlp + "down_proj.weight"][:, channels]
         state[attn + "q_proj.weight"] = state[attn + "q_proj.weight"][rows]
         state[attn + "o_proj.weight"] = state[attn + "o_proj.weight"][:, rows]
+        if cfg.attention_bias:  # q's bias goes with its rows; o's is per output channel and stays whole
+            state[attn + "q_proj.bias"] = state[attn + "q_proj.bias"][rows]
         removed_heads = sorted(set(range(cfg.num_attention_heads)) - set(heads.tolist()))
         details["layers"].append({
             "ffn_channels_removed": cfg.intermediate_size - ffn_keep,

@@ -76,6 +76,31 @@ def test_a_zeroed_channel_and_a_zeroed_head_rank_last_and_go_first(nano, importa
     torch.testing.assert_close(pruned.layers[1].mlp(x), model.layers[1].mlp(x))
 
 
+
+def test_heads_of_a_model_with_attention_biases_prune_as_zeroed_outputs(nano):
+    """Qwen-style Llama checkpoints carry q/k/v/o biases. Removing query heads must take q's bias rows with them:
+    the pruned model computes what the original does with those heads' o_proj columns zeroed."""
+    from spj_edge.model import Transformer
+
+    model, calib = nano
+    torch.manual_seed(0)
+    biased = Transformer(model.config.replace(attention_bias=True)).eval()
+    with torch.no_grad():
+        for layer in biased.layers:
+            for projection in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(layer.self_attn, projection).bias.normal_(0, 0.5)
+    pruned, details = prune_model(biased, PruneOptions(0.0, 0.5, "l1"), calib)
+    assert pruned.config.num_attention_heads == biased.config.num_attention_heads // 2
+    zeroed = copy.deepcopy(biased)
+    head_dim = biased.config.head_dim
+    with torch.no_grad():
+        for layer, removed in zip(zeroed.layers, details["layers"]):
+            for head in removed["heads_removed"]:
+                layer.self_attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0
+    reference = logits(zeroed, IDS)
+    assert (logits(pruned, IDS) - reference).abs().max() <= logit_bound(reference)
+    assert (logits(biased, IDS) - reference).abs().max() > 100 * logit_bound(reference)  # the heads did matter
+
 def test_pruned_checkpoint_loads_in_transformers_with_the_same_logits(pruned_dir):
     out, report = pruned_dir
     ours = load_model(out)
