@@ -202,7 +202,7 @@ def _kept(array: np.ndarray, scratch: Path | None, name: str) -> np.ndarray:
     if scratch is None:
         return array
     np.save(scratch / name, array)
-    return np.load(scratch / name, mmap_mode="r")
+    return np.lib.format.open_memmap(scratch / name, mode="r")  # a plain array's map: never unpickles
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

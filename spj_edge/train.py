@@ -69,7 +69,8 @@ def lm_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def heldout_metrics(model: Transformer, windows: np.ndarray, byte_lengths: torch.Tensor, batch_size: int,
                     amp_dtype: torch.dtype | None = None) -> dict:
-    """Loss and perplexity per token, and bits per byte (metrics.py) of the held-out windows."""
+    """Loss and perplexity per token, and bits per byte (metrics.py) of the held-out windows, scoring as eval and
+    the quantizer's gate do (metrics.figures) only the targets that stand for text bytes, not <bos>/<eos>."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -79,9 +80,11 @@ def heldout_metrics(model: Transformer, windows: np.ndarray, byte_lengths: torch
         inputs, targets = batch[:, :-1], batch[:, 1:]
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits, _ = model(inputs)
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-        tokens += targets.numel()
-        n_bytes += int(byte_lengths[targets.cpu()].sum())
+        lengths = byte_lengths[targets.cpu()].flatten()
+        text = (lengths > 0).to(device)
+        nll += F.cross_entropy(logits.flatten(0, 1).float()[text], targets.flatten()[text], reduction="sum").item()
+        tokens += int(text.sum())
+        n_bytes += int(lengths.sum())
     model.train(was_training)
     return {"loss": nll / tokens, "perplexity": perplexity(nll, tokens), "bits_per_byte": bits_per_byte(nll, n_bytes),
             "tokens": tokens, "bytes": n_bytes}

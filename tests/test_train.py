@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -62,6 +63,27 @@ def test_bf16_autocast_training_lowers_the_loss(corpus):
     assert after < before - 1.0, (before, after)
     assert all(p.dtype == torch.float32 for p in model.parameters()), "master weights stay float32"
 
+
+
+def test_heldout_bits_per_byte_scores_only_text_as_eval_and_the_gate_do(corpus):
+    """Training's held-out figures in torch against metrics.figures (eval's and the quantizer's gate's, numpy) on the
+    same logits: the <eos> targets between documents stand for no bytes and are not scored by either."""
+    from spj_edge.metrics import figures
+
+    tokenizer, dataset = corpus
+    torch.manual_seed(0)
+    model = Transformer(NANO).eval()
+    lengths = token_byte_lengths(tokenizer, NANO.vocab_size)
+    windows = dataset.val[:8]
+    assert (lengths[windows[:, 1:]] == 0).any(), "the windows hold special-token targets"
+    ours = heldout_metrics(model, windows, torch.from_numpy(lengths), 4)
+    with torch.no_grad():  # a window is the context plus the last target: its logits predict windows[:, 1:]
+        numpy_logits = model(torch.from_numpy(windows[:, :-1]))[0].numpy()
+    padded = np.concatenate([numpy_logits, numpy_logits[:, -1:]], axis=1)  # figures drops each window's last row
+    reference = figures(zip(windows, padded), lengths)
+    assert ours["tokens"] == reference.tokens < windows[:, 1:].size
+    # the same float32 logits summed in float64 (numpy) and in float32 (torch's cross entropy): tokens·2⁻²⁴ relative
+    assert ours["bits_per_byte"] == pytest.approx(reference.bits_per_byte, rel=reference.tokens * 2 ** -24)
 
 TRAIN_ARGS = ["train", "--preset", "nano", "--data", SHAKESPEARE / "val.txt", "--steps", "40", "--batch-size", "8",
               "--precision", "fp32", "--eval-every", "20", "--save-every", "4", "--seed", "7"]
