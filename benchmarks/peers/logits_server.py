@@ -21,8 +21,9 @@ Logits = Callable[[list[int]], np.ndarray]
 def llama(model: str) -> Logits:
     from worker import load_llama
 
-    # logits_all: keep every position's logits, not only the last (what perplexity needs).
-    lm = load_llama(model, 2, n_ctx=512, n_batch=512, logits_all=True)
+    # logits_all: keep every position's logits, not only the last (what perplexity needs). One thread: on a shared
+    # machine llama.cpp's OpenMP threads wait on each other (run.py's 2-thread rows), and speed is not measured here.
+    lm = load_llama(model, 1, n_ctx=512, n_batch=512, logits_all=True)
 
     def logits(ids: list[int]) -> np.ndarray:
         lm.reset()

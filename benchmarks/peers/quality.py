@@ -70,9 +70,9 @@ def modes(work: Path) -> list[Mode]:
     listed = [Mode("spj-edge float32 (reference)", "onnx", work / "onnx" / "model.onnx", work / "onnx" / "model.onnx"),
               Mode("spj-edge static int8", "onnx", work / "int8" / "model.onnx", work / "int8" / "model.onnx"),
               Mode("spj-edge int4", "onnx", work / "int4" / "model.onnx", work / "int4" / "model.onnx"),
-              Mode("llama.cpp F16 (pipeline check)", "llama", work / "gguf" / "f16.gguf", work / "gguf" / "f16.gguf"),
               Mode("llama.cpp Q8_0", "llama", work / "gguf" / "q8_0.gguf", work / "gguf" / "q8_0.gguf"),
               Mode("llama.cpp Q4_0", "llama", work / "gguf" / "q4_0.gguf", work / "gguf" / "q4_0.gguf"),
+              Mode("llama.cpp F16 (pipeline check)", "llama", work / "gguf" / "f16.gguf", work / "gguf" / "f16.gguf"),
               Mode("onnxruntime-genai int4", "genai", work / "genai" / "int4", work / "genai" / "int4"),
               Mode("llama.cpp F32 (pipeline check)", "llama", work / "gguf" / "f32.gguf", work / "gguf" / "f32.gguf")]
     for m in listed:
@@ -113,8 +113,9 @@ def report_gate(mode: Mode) -> dict | None:
                                           "kl", "passed")}
 
 
-def evaluate(model: str, file_windows_count: int, save) -> None:
-    """Measures each mode in turn, handing `save` the result so far after each."""
+def evaluate(model: str, file_windows_count: int, save, only: list[str] | None = None) -> None:
+    """Measures each mode in turn, handing `save` the result so far after each. With `only` (substrings of mode
+    names), the other modes' rows are kept from the last results file."""
     work = HERE / ".work" / model
     float_model = float_export(work / "onnx")
     config, tokenizer = float_model.config, float_model.tokenizer
@@ -122,12 +123,18 @@ def evaluate(model: str, file_windows_count: int, save) -> None:
     _, gate_windows = prepare_text(float_model, CALIB, EVAL, QuantizeOptions(mode="int4"))  # the int4 gate's = int8's
     file_windows = per_file_windows(tokenizer, EVAL, file_windows_count)
     reference = Reference.of(OnnxLM(float_model.graph_path, config), gate_windows, byte_lengths)
+    previous = RESULTS / f"{model}-quality.json"
+    kept = {r["mode"]: r for r in json.loads(previous.read_text())["rows"]} if only and previous.exists() else {}
     rows = []
     result = {"model": model, "settings": {
         "gate_windows": len(gate_windows), "gate_text": [Path(p).name for p in EVAL],
         "per_file_windows": {language(f): len(ws) for f, ws in file_windows.items()},
         "window_tokens": len(gate_windows[0]), "confident_margin_logits": 1.0}, "rows": rows}
     for mode in modes(work):
+        if only and not any(o in mode.name for o in only):
+            if mode.name in kept:
+                rows.append(kept[mode.name])
+            continue
         print(f"quality: {mode.name}", flush=True)
         lm = open_lm(mode, config)
         rows.append({"mode": mode.name, "engine": mode.engine, "size_mb": size_mb(mode.file),
@@ -163,6 +170,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", nargs="?", default="smollm2")
     ap.add_argument("--file-windows", type=int, default=EvalOptions().windows, help="per file (default: eval's)")
+    ap.add_argument("--only", nargs="+", help="measure only the modes whose names contain one of these (e.g. Q8_0); "
+                    "the other rows are kept from the last results")
     args = ap.parse_args()
     if not (HERE / ".work" / args.model / "onnx").exists():
         sys.exit(f"quality.py: run build.py {args.model} first")
@@ -173,7 +182,7 @@ def main():
         (RESULTS / f"{args.model}-quality.md").write_text(markdown(result))
         print(markdown(result), flush=True)
 
-    evaluate(args.model, args.file_windows, save)
+    evaluate(args.model, args.file_windows, save, args.only)
 
 
 if __name__ == "__main__":
