@@ -515,9 +515,9 @@ def statistics_inputs(recipe: Recipe, proto: onnx.ModelProto) -> list[str]:
 
 def float_reference(float_model: ExportArtifact, recipe: Recipe, tmp: Path) -> OnnxLM:
     """The float model that the statistics (or the experiments' calibrator) and the gate all run: one onnxruntime
-    session, so that a real model's weights are not held in a second one. In static mode its graph also outputs the
-    tensors the statistics read (added to the parsed graph and taken off again: a copy of the graph would be another
-    copy of the weights)."""
+    session, so that a real model's weights are not held in a second one. For static int8 and int4 its graph also
+    outputs the tensors the statistics read (added to the parsed graph and taken off again: a copy of the graph would
+    be another copy of the weights)."""
     outputs = float_model.proto.graph.output
     contract_outputs, path = len(outputs), float_model.graph_path
     inputs = statistics_inputs(recipe, float_model.proto)
