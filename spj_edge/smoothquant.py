@@ -76,12 +76,11 @@ class Fold:
 @dataclass
 class Plan:
     """Per weight MatMul: its scaling α (0: none) and the scale itself, its estimated error, and why it is kept at a
-    higher precision (`kept_as`: float for static int8, 8-bit weights for int4), if it is."""
+    higher precision (float for static int8, 8-bit weights for int4), if it is."""
     alpha: dict[str, float]
     error: dict[str, float]
     kept: dict[str, str]
     scales: dict[str, np.ndarray]
-    kept_as: str
 
 
 def folds(proto: onnx.ModelProto, config) -> dict[str, Fold]:
@@ -160,13 +159,12 @@ def int4_weight(w: np.ndarray, block: int) -> np.ndarray:
 @dataclass(frozen=True)
 class Mode:
     """How a quantization mode rounds a weight MatMul, for the estimates that choose its scaling and what it keeps at
-    a higher precision (`kept_as`, when its estimated error is over `keep_above`).
+    a higher precision (when its estimated error is over `keep_above`).
     static int8 (SmoothQuant): s_j = max|x_j|^α / max|W_j|^(1-α); the input is rounded too, per tensor.
     int4 weights (AWQ): s_j = mean|x_j|^α, so that the channels that carry the most signal get the finest steps."""
     name: str
     alphas: tuple[float, ...]
     keep_above: float
-    kept_as: str
     block_size: int | None = None  # int4
 
     @property
@@ -179,11 +177,11 @@ class Mode:
         return x @ int4_weight(w, self.block_size)
 
 
-STATIC = Mode("int8", ALPHAS, FLOAT_ABOVE, "float")
+STATIC = Mode("int8", ALPHAS, FLOAT_ABOVE)
 
 
 def int4(block_size: int) -> Mode:
-    return Mode("int4", INT4_ALPHAS, EIGHT_BITS_ABOVE, "8-bit weights", block_size)
+    return Mode("int4", INT4_ALPHAS, EIGHT_BITS_ABOVE, block_size)
 
 
 def output_error(mode: Mode, x: np.ndarray, w: np.ndarray, reference: np.ndarray) -> float:
@@ -228,8 +226,8 @@ def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[s
         best = None
         for a in candidates:
             s = channel_scale(magnitude, weight_max, a, found[name]) if a else None
-            error = output_error(mode, x, w, reference) if s is None else output_error(mode, x / s, w * s[:, None],
-                                                                                       reference)
+            scaled = (x, w) if s is None else (x / s, w * s[:, None])
+            error = output_error(mode, *scaled, reference)
             if best is None or error < best[1]:
                 best = (a, error, s)
         alphas[name], errors[name] = best[:2]
@@ -238,7 +236,7 @@ def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[s
         if best[1] > mode.keep_above:
             kept[name] = (f"{mode.name} error of its output estimated at {best[1]:.1%} on the calibration text (over "
                           f"{mode.keep_above:.1%}){f', after scaling (alpha {best[0]})' if best[0] else ''}")
-    return Plan(alphas, errors, kept, scales, mode.kept_as)
+    return Plan(alphas, errors, kept, scales)
 
 
 def apply(proto: onnx.ModelProto, found: dict[str, Fold], chosen: Plan, scaled: list[str]) -> dict[str, np.ndarray]:
