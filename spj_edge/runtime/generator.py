@@ -218,7 +218,7 @@ class _Step:
     """One generation's IOBinding: a forward step, after which the outputs `present.*` are bound as the inputs
     `past_key_values.*` of the next step."""
 
-    def __init__(self, generator: Generator, batch: int):
+    def __init__(self, generator: Generator, batch: int, cache: Sequence[np.ndarray] | None = None):
         self.session = generator.session
         self.binding = generator.session.io_binding()
         self.source = generator.package.source
@@ -226,8 +226,12 @@ class _Step:
         self.ids, self.mask, self.positions = (s.name for s in generator.inputs[:3])
         self.past = [s.name for s in generator.inputs[3:]]
         logits, *present = generator.outputs
-        for spec in generator.inputs[3:]:
-            self.binding.bind_cpu_input(spec.name, np.zeros(_shape(spec, batch, 0), spec.dtype))
+        # The first step reads an empty cache, or `cache`: one [batch, kv_heads, length, head_dim] array per past
+        # input, for a batch whose rows changed between steps (serve's continuous batching). Read in place.
+        if cache is None:
+            cache = [np.zeros(_shape(spec, batch, 0), spec.dtype) for spec in generator.inputs[3:]]
+        for name, value in zip(self.past, cache):
+            self.binding.bind_cpu_input(name, value)
         # The output bound first comes first in get_outputs(); rebinding a name keeps its place.
         if generator.last_logits_only:
             self.logits = np.empty(_shape(logits, batch, 1), logits.dtype)
@@ -254,6 +258,10 @@ class _Step:
         for name, value in zip(self.past, present):
             binding.bind_ortvalue_input(name, value)
         return (logits.numpy() if self.logits is None else self.logits)[:, -1]
+
+    def cache(self) -> list[np.ndarray]:
+        """After a step: the cache the next step reads, as arrays in the order of the past inputs."""
+        return [value.numpy() for value in self.binding.get_outputs()[1:]]
 
 
 def _shape(spec: contract.TensorSpec, batch: int, length: int) -> tuple[int, ...]:
