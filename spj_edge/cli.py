@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from .errors import ArgumentParser, run_command
-from .options import (CALIB_HELD_OUT, IMPORT_DTYPES, BenchOptions, EvalOptions, PruneOptions, QuantizeOptions,
-                      TrainOptions, add_flags, from_flags)
+from .options import (CALIB_HELD_OUT, IMPORT_DTYPES, BenchOptions, EvalOptions, PrepareOptions, PruneOptions,
+                      QuantizeOptions, SourceOptions, TrainOptions, add_flags, from_flags)
 
 
 def cmd_tokenizer(args):
@@ -16,13 +16,20 @@ def cmd_tokenizer(args):
     build_tokenizer(args.data, args.vocab_size, Path(args.out), overwrite=args.overwrite)
 
 
+def cmd_prepare(args):
+    from .prepare import prepare
+
+    prepare(args.data, args.tokenizer, args.out, from_flags(PrepareOptions, args), from_flags(SourceOptions, args),
+            overwrite=args.overwrite)
+
+
 def cmd_train(args):
     from .config import load_preset
     from .train import train
 
     opts = from_flags(TrainOptions, args)
     train(load_preset(args.preset), args.data, args.out, opts, tokenizer=args.tokenizer, val_data=args.val_data,
-          resume=args.resume, overwrite=args.overwrite)
+          sources=from_flags(SourceOptions, args), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_distill(args):
@@ -30,8 +37,8 @@ def cmd_distill(args):
 
     opts = from_flags(TrainOptions, args)
     distill(args.teacher, args.out, preset=args.preset, student_dir=args.student, data=args.data, opts=opts,
-            temperature=args.temperature, alpha=args.alpha, val_data=args.val_data, resume=args.resume,
-            overwrite=args.overwrite)
+            temperature=args.temperature, alpha=args.alpha, val_data=args.val_data,
+            sources=from_flags(SourceOptions, args), resume=args.resume, overwrite=args.overwrite)
 
 
 def cmd_prune(args):
@@ -93,12 +100,17 @@ def cmd_demo(args):
 
 
 def add_training_flags(p: argparse.ArgumentParser):
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help="text files or directories (recursive)")
-    p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text (default: a seeded split of --data)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=f"a directory `spj-edge prepare` wrote, or {DATA_HELP}, tokenized in memory")
+    p.add_argument("--val-data", nargs="+", metavar="PATH", help="held-out text (default: a seeded split of --data, "
+                                                                 "or a prepared directory's held-out documents)")
     add_flags(p, TrainOptions)
+    add_flags(p, SourceOptions)
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
+
+DATA_HELP = "text, .jsonl, .jsonl.zst, .jsonl.gz, .json.gz or .parquet files, or directories of them"
 
 SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
 
@@ -131,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/tokenizer.json")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_tokenizer)
+
+    p = verbs.add_parser("prepare", help="tokenize a corpus once into token shards that train and distill "
+                                         "memory-map (deterministic, resumable)")
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH", help=DATA_HELP)
+    p.add_argument("--tokenizer", required=True, help="tokenizer.json (train and distill must use the same)")
+    p.add_argument("--out", required=True, metavar="DIR")
+    add_flags(p, PrepareOptions)
+    add_flags(p, SourceOptions)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_prepare)
 
     p = verbs.add_parser("train", help="train a model from scratch (also under torchrun)")
     p.add_argument("--preset", default="teacher", help="a preset name or JSON file (models/*.json)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,24 @@ def split_documents(text: str) -> list[str]:
     return [m.group(0) for m in re.finditer(r".+?(?:\n\s*\n|$)", text, flags=re.S) if m.group(0)]
 
 
-def tokenize_corpus(texts: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:
-    """One stream of paragraphs, each framed as the tokenizer frames a prompt and ended by its EOS, the way generation
-    starts and ends: <bos> paragraph <eos> <bos> paragraph <eos> … for our presets."""
-    docs = [d for t in texts for d in split_documents(t)]
+def tokenizer_sha256(tokenizer: Tokenizer | TextTokenizer) -> str:
+    """What makes the ids: vocabulary, merges and pre-processing (padding and truncation settings don't change them),
+    hashed from tokenizer.json's canonical JSON. Token shards record it; training refuses shards of another."""
+    spec = json.loads(tokenizer.to_str())
+    essentials = {k: v for k, v in spec.items() if k not in ("padding", "truncation")}
+    return hashlib.sha256(json.dumps(essentials, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def tokenize_documents(documents: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:
+    """One stream of documents, each framed as the tokenizer frames a prompt and ended by its EOS, the way generation
+    starts and ends: <bos> document <eos> <bos> document <eos> … for our presets."""
     return np.concatenate([np.array(ids, dtype=np.int64)
-                           for ids in TextTokenizer.of(tokenizer).encode_documents(docs)])
+                           for ids in TextTokenizer.of(tokenizer).encode_documents(documents)])
+
+
+def tokenize_corpus(texts: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:
+    """The texts' paragraphs as one stream of documents (tokenize_documents)."""
+    return tokenize_documents([d for t in texts for d in split_documents(t)], tokenizer)
 
 
 def calibration_split(paths: list, tokenizer: Tokenizer,
@@ -88,29 +101,98 @@ def calibration_split(paths: list, tokenizer: Tokenizer,
     return np.concatenate(heads), np.concatenate(tails)
 
 
+class Windows:
+    """Training windows of block_size + 1 tokens, numbered in order across one or more [n, block_size + 1] arrays:
+    the memory-mapped shards of a prepared directory, or one stream cut in memory. `take` copies out only the rows
+    asked for, so a batch reads its windows' pages of a shard and nothing else."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0, *map(len, parts)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: list[int]) -> np.ndarray:
+        part = np.searchsorted(self.starts, rows, side="right") - 1
+        return np.stack([self.parts[p][r - self.starts[p]] for p, r in zip(part, rows)]).astype(np.int64)
+
+
+MIXTURE_PERIOD = 4096  # samples: the mixture's weights are kept to 1/4096
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Which source each sample of a run comes from: a pattern of MIXTURE_PERIOD places repeated for ever, in which
+    each place goes to the source furthest below its share so far (Megatron-LM's blending), so every stretch of the
+    run holds the sources in their weights' proportions. The source of sample k, and how many samples that source
+    gave before it, follow from k alone: a resumed run continues the sequence without replaying it."""
+
+    pattern: np.ndarray  # [MIXTURE_PERIOD]: the source of each place
+    ordinal: np.ndarray  # [MIXTURE_PERIOD]: the places of the same source before this one in the period
+    per_period: np.ndarray  # [sources]: each source's places in a period
+
+    @classmethod
+    def of(cls, weights: list[float]) -> Mixture:
+        share = np.asarray(weights, dtype=np.float64) / sum(weights)
+        counts = np.zeros(len(share), dtype=np.int64)
+        pattern, ordinal = np.empty(MIXTURE_PERIOD, dtype=np.int64), np.empty(MIXTURE_PERIOD, dtype=np.int64)
+        for place in range(MIXTURE_PERIOD):
+            source = int(np.argmax(share * (place + 1) - counts))
+            pattern[place], ordinal[place] = source, counts[source]
+            counts[source] += 1
+        return cls(pattern, ordinal, counts)
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """(source, the sample's number among that source's samples)."""
+        period, place = divmod(sample, MIXTURE_PERIOD)
+        source = int(self.pattern[place])
+        return source, period * int(self.per_period[source]) + int(self.ordinal[place])
+
+    def counts(self, samples: int) -> np.ndarray:
+        """Samples per source among the first `samples`."""
+        periods, rest = divmod(samples, MIXTURE_PERIOD)
+        return periods * self.per_period + np.bincount(self.pattern[:rest], minlength=len(self.per_period))
+
+
 @dataclass
 class Dataset:
-    """Windows of block_size + 1 tokens (inputs and targets shifted by one), split into train and held-out."""
+    """Training windows per source, sampled in the mixture's proportions, and the held-out windows."""
 
-    train: np.ndarray  # [n_train, block_size + 1]
+    sources: dict[str, Windows]
     val: np.ndarray  # [n_val, block_size + 1]
-    fingerprint: str  # sha256 of the token stream and split: a resumed run must see the same data
+    fingerprint: str  # sha256 of the tokens, the split and the mixture: a resumed run must see the same data
+    mixture: Mixture
+
+    @property
+    def block_size(self) -> int:
+        return self.val.shape[1] - 1
+
+    @property
+    def train_windows(self) -> int:
+        return sum(map(len, self.sources.values()))
 
     def train_batch(self, seed: int, first: int, size: int) -> np.ndarray:
-        """Samples first .. first+size of the infinite sequence of epochs, each a fresh seeded permutation."""
-        n = len(self.train)
+        """Samples first .. first+size of the run: each from the source the mixture gives, and within a source the
+        infinite sequence of its epochs, each a fresh seeded permutation of its windows."""
+        windows = list(self.sources.values())
         rows = []
         for k in range(first, first + size):
-            epoch, index = divmod(k, n)
-            rows.append(self._permutation(seed, epoch)[index])
-        return self.train[rows]
+            source, number = self.mixture.locate(k)
+            epoch, index = divmod(number, len(windows[source]))
+            order = self._permutation(seed, source, epoch, len(windows[source]))
+            rows.append(windows[source].take([order[index]]))
+        return np.concatenate(rows)
 
-    def _permutation(self, seed: int, epoch: int) -> np.ndarray:
-        cache = self.__dict__.setdefault("_perm_cache", {})
-        if epoch not in cache:
-            cache.clear()
-            cache[epoch] = np.random.default_rng([seed, epoch]).permutation(len(self.train))
-        return cache[epoch]
+    def tokens_seen(self, samples: int) -> dict[str, int]:
+        """Tokens trained on per source in the first `samples` windows (each window's block_size inputs)."""
+        return {name: int(n) * self.block_size for name, n in zip(self.sources, self.mixture.counts(samples))}
+
+    def _permutation(self, seed: int, source: int, epoch: int, windows: int) -> np.ndarray:
+        cache = self.__dict__.setdefault("_perm_cache", {})  # source → (epoch, its permutation)
+        if cache.get(source, (None,))[0] != epoch:
+            cache[source] = (epoch, np.random.default_rng([seed, source, epoch]).permutation(windows))
+        return cache[source][1]
 
 
 def windows(stream: np.ndarray, block_size: int) -> np.ndarray:
@@ -144,4 +226,5 @@ def build_dataset(train_stream: np.ndarray, block_size: int, seed: int, val_frac
         val, train = blocks[np.sort(order[:n_val])], blocks[np.sort(order[n_val:])]
     digest = hashlib.sha256(train.tobytes())
     digest.update(val.tobytes())
-    return Dataset(train=train, val=val, fingerprint=digest.hexdigest())
+    return Dataset(sources={"data": Windows([train])}, val=val, fingerprint=digest.hexdigest(),
+                   mixture=Mixture.of([1.0]))

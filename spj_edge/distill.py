@@ -9,7 +9,6 @@ in eval mode under no_grad on the same device, and under DDP only the student is
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from .checkpoint import checkpoint_sha256, load_checkpoint, load_model
-from .data import read_texts
+from .data import tokenizer_sha256
 from .errors import SPJError
 from .metrics import top1_agreement
 from .config import load_preset
@@ -27,7 +26,9 @@ from .artifact import read_json
 from .outputs import check_output, write_json
 from .tokenizer import load_tokenizer, special_token_ids, token_byte_lengths
 from .tables import print_summary
-from .train import Processes, TrainOptions, autocast_dtype, check_resumable, fit, heldout_metrics, load_dataset
+from .options import SourceOptions
+from .train import (Processes, TrainOptions, autocast_dtype, check_resumable, fit, heldout_metrics, load_dataset,
+                    read_training_text)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,18 +79,10 @@ def agreement_with_teacher(student: Transformer, teacher: Transformer, windows: 
             "tokens": tokens}
 
 
-def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
-    """The same vocabulary, merges and pre-processing; padding and truncation settings don't change the ids."""
-    def essentials(tokenizer):
-        spec = json.loads(tokenizer.to_str())
-        return {k: v for k, v in spec.items() if k not in ("padding", "truncation")}
-    return essentials(a) == essentials(b)
-
-
 def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Path | None = None,
             student_dir: str | Path | None = None, data: list, opts: TrainOptions = TrainOptions(),
-            temperature: float = 1.0, alpha: float = 0.0, val_data: list | None = None, resume: bool = False,
-            overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
+            temperature: float = 1.0, alpha: float = 0.0, val_data: list | None = None,
+            sources: SourceOptions = SourceOptions(), resume: bool = False, overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
     """Distill the teacher checkpoint into a new student of `preset`, or into the checkpoint `student_dir` (a pruned
     teacher, say), or resume the run saved in `out`."""
     if (preset is None) == (student_dir is None):
@@ -116,7 +109,7 @@ def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Pa
         torch.manual_seed(opts.seed)
         config = load_preset(preset).replace(**special_token_ids(tokenizer))
         student, student_tokenizer, source = Transformer(config), tokenizer, preset
-    if not same_tokenizer(student_tokenizer, tokenizer):
+    if tokenizer_sha256(student_tokenizer) != tokenizer_sha256(tokenizer):
         raise SPJError(f"{source}: the student's tokenizer differs from the teacher's ({teacher_dir}); distillation "
                        "compares their next-token distributions id by id, so both must use one tokenizer")
     student_cfg, teacher_cfg = student.config, teacher.config
@@ -135,11 +128,12 @@ def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Pa
         if changed:
             raise SPJError(f"{out}: cannot resume with different settings ({', '.join(changed)} changed)")
 
-    texts = read_texts(data)
-    dataset = load_dataset(texts, tokenizer, student_cfg.max_position_embeddings, opts, val_data)
+    documents, bad_records = read_training_text(data, sources)
+    dataset = load_dataset(data, tokenizer, student_cfg.max_position_embeddings, opts, val_data, sources, documents)
     teacher.to(procs.device)
-    report_extra = {"data": [str(p) for p in texts], "val_data": [str(p) for p in val_data or []],
-                    "tokenizer_vocab_size": tokenizer.get_vocab_size(), "distillation": settings}
+    report_extra = {"data": [str(p) for p in data], "val_data": [str(p) for p in val_data or []],
+                    "tokenizer_vocab_size": tokenizer.get_vocab_size(), "bad_records": bad_records,
+                    "distillation": settings}
     report = fit(student, tokenizer, dataset, opts, out, procs, loss_fn=distillation_loss(teacher, temperature, alpha),
                  resume=resume, stage="distill", report_extra=report_extra)
 

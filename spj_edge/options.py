@@ -59,6 +59,8 @@ class TrainOptions:
     val_fraction: float = flag(0.05)
     # torch.compile the training step: ~40 s to compile, then ~1.5× the tokens/s on a CPU
     compile: bool = flag(False, "torch.compile the model: slow start, faster steps")
+    weights: str | None = flag(None, "a prepared --data: sample windows by source, NAME=W,... (sources not named are "
+                                     "left out; default: in proportion to their tokens)", metavar="NAME=W,...")
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_windows"):
@@ -83,12 +85,65 @@ class TrainOptions:
             raise SPJError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
         if self.precision not in PRECISIONS:
             raise SPJError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.weights is not None:
+            self.source_weights  # parses, or says what is wrong
+
+    @property
+    def source_weights(self) -> dict[str, float] | None:
+        """--weights as {source: weight}; None: in proportion to each source's tokens."""
+        if self.weights is None:
+            return None
+        weights = {}
+        for item in self.weights.split(","):
+            name, _, value = item.rpartition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                weight = math.nan
+            if not name or not (weight >= 0 and math.isfinite(weight)) or name in weights:
+                raise SPJError(f"--weights: {item!r} is not NAME=W with a new source name and a weight ≥ 0")
+            weights[name] = weight
+        if not sum(weights.values()) > 0:
+            raise SPJError("--weights: every weight is 0")
+        return weights
 
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps >= 0 else max(1, self.steps // 20)
 
 
+@dataclass(frozen=True)
+class SourceOptions:
+    """How records are read from JSON Lines and Parquet files (plain text needs none of this)."""
+    text_field: str = flag("text", "JSON Lines / Parquet: the field (a.b for a nested one) holding each document's "
+                                   "text (default %(default)s)")
+    source_field: str = flag("meta.redpajama_set_name", "the field naming each document's source, where a record "
+                                                        "has it (default %(default)s; else the file's name)")
+    skip_bad_records: bool = flag(False, "skip and count records that are not JSON or lack a text field, "
+                                         "instead of stopping at the first")
+
+    def __post_init__(self):
+        for name in ("text_field", "source_field"):
+            if not getattr(self, name) or "" in getattr(self, name).split("."):
+                raise SPJError(f"--{name.replace('_', '-')} must name a field (a or a.b), got "
+                               f"{getattr(self, name)!r}")
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    workers: int = flag(1, "tokenizing processes (default %(default)s); the output is the same for any number")
+    val_fraction: float = flag(0.01, "share of documents held out, chosen by a hash of their text (default "
+                                     "%(default)s)")
+    # 2**26 tokens: 128 MiB of uint16 a shard, one sequential file write at a time; tests write smaller ones
+    shard_tokens: int = flag(1 << 26, "tokens per shard file (default %(default)s)")
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise SPJError(f"--workers must be a positive integer, got {self.workers}")
+        if not 0 <= self.val_fraction < 1:
+            raise SPJError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            raise SPJError(f"--shard-tokens must be a positive integer, got {self.shard_tokens}")
 
 @dataclass(frozen=True)
 class EvalOptions:

@@ -30,16 +30,18 @@ from tqdm import tqdm
 
 from .artifact import read_json
 from .checkpoint import load_model, save_checkpoint
-from .data import Dataset, build_dataset, read_texts, tokenize_corpus
+from .data import Dataset, build_dataset, tokenize_documents
 from .errors import SPJError
 from .metrics import bits_per_byte, perplexity
 from .config import SPJConfig
 from .model import Transformer
-from .options import TrainOptions
+from .options import SourceOptions, TrainOptions
 from .outputs import check_output, staged_dir, write_json
+from .prepare import is_prepared, load_prepared
+from .sources import read_corpus
 from .tables import print_summary
-from .tokenizer import (check_matches_model, load_tokenizer, special_token_ids, specials_as_text, token_byte_lengths,
-                        train_tokenizer)
+from .tokenizer import (TextTokenizer, check_matches_model, load_tokenizer, special_token_ids, specials_as_text,
+                        token_byte_lengths, train_tokenizer)
 
 STATE_DIR = "train_state"  # inside a checkpoint: what --resume needs beyond the weights
 
@@ -319,7 +321,7 @@ def fit(model: Transformer, tokenizer: Tokenizer, dataset: Dataset, opts: TrainO
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if procs.world > 1 else model
     step_model = torch.compile(ddp_model) if opts.compile else ddp_model
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer, model.config.vocab_size))
-    block = dataset.train.shape[1] - 1
+    block = dataset.block_size
     global_batch = opts.batch_size * opts.grad_accum * procs.world
     val_windows = dataset.val[: opts.eval_windows]
 
@@ -336,7 +338,8 @@ def fit(model: Transformer, tokenizer: Tokenizer, dataset: Dataset, opts: TrainO
             "stage": stage, "step": step, "steps": opts.steps, "parameters": sum(p.numel() for p in model.parameters()),
             "config": model.config.to_hf_dict(), "options": dataclasses.asdict(opts),
             "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "float32",
-            "processes": procs.world, "device": str(procs.device), "train_windows": len(dataset.train),
+            "processes": procs.world, "device": str(procs.device), "train_windows": dataset.train_windows,
+            "tokens_seen": dataset.tokens_seen(step * global_batch),
             "heldout": history[-1]["heldout"] if history else None, "history": history,
             "tokens_per_s": tokens / elapsed if elapsed else None, **(report_extra or {}),
         }
@@ -416,11 +419,42 @@ def prepare_tokenizer(texts: list[str], tokenizer_path: str | Path | None, confi
     return tokenizer
 
 
-def load_dataset(texts: dict[Path, str], tokenizer: Tokenizer, block_size: int, opts: TrainOptions,
-                 val_data: list | None = None) -> Dataset:
-    val_stream = tokenize_corpus(list(read_texts(val_data).values()), tokenizer) if val_data else None
-    return build_dataset(tokenize_corpus(list(texts.values()), tokenizer), block_size, opts.seed, opts.val_fraction,
-                         val_stream, source=", ".join(map(str, texts)))
+def prepared_directory(data: list) -> Path | None:
+    """The directory `spj-edge prepare` wrote, if that is what `data` is; such a directory comes alone."""
+    prepared = [Path(p) for p in data if is_prepared(p)]
+    if prepared and len(data) > 1:
+        raise SPJError(f"{prepared[0]}: prepared token shards are given alone as --data (prepare the other sources "
+                       "into it)")
+    return prepared[0] if prepared else None
+
+
+def load_dataset(data: list, tokenizer: Tokenizer, block_size: int, opts: TrainOptions, val_data: list | None = None,
+                 sources: SourceOptions = SourceOptions(), documents: list[str] | None = None) -> Dataset:
+    """The windows of `data`: a prepared directory's shards, memory-mapped, or the documents of any other sources
+    (`documents`, where the caller has read them already) tokenized in memory. Held out: `val_data`'s windows if
+    given, else the prepared directory's held-out documents or a seeded `opts.val_fraction` of the windows."""
+    val_stream = tokenize_documents(read_corpus(val_data, sources)[0], tokenizer) if val_data else None
+    if (directory := prepared_directory(data)) is not None:
+        return load_prepared(directory, TextTokenizer.of(tokenizer), block_size, opts.source_weights,
+                             opts.eval_windows, val_stream)
+    if opts.weights is not None:
+        raise SPJError("--weights samples the sources of a prepared --data; run `spj-edge prepare` first")
+    if documents is None:
+        documents = read_corpus(data, sources)[0]
+    return build_dataset(tokenize_documents(documents, tokenizer), block_size, opts.seed, opts.val_fraction,
+                         val_stream, source=", ".join(map(str, data)))
+
+
+def read_training_text(data: list, sources: SourceOptions) -> tuple[list[str] | None, dict | None]:
+    """The documents to tokenize in memory and the bad records skipped, or (None, None) for a prepared directory
+    (its report has them)."""
+    if prepared_directory(data) is not None:
+        return None, None
+    documents, bad = read_corpus(data, sources)
+    if bad["total"]:
+        print(f"spj-edge: warning: skipped {bad['total']:,} bad records (first: "
+              f"{next(iter(bad['first_per_file'].values()))})", file=sys.stderr)
+    return documents, bad
 
 
 def check_resumable(out: Path | None) -> None:
@@ -429,9 +463,11 @@ def check_resumable(out: Path | None) -> None:
 
 
 def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOptions = TrainOptions(), *,
-          tokenizer: str | Path | Tokenizer | None = None, val_data: list | None = None, resume: bool = False,
+          tokenizer: str | Path | Tokenizer | None = None, val_data: list | None = None,
+          sources: SourceOptions = SourceOptions(), resume: bool = False,
           overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
-    """Train a model of `config` from scratch, or resume the run saved in `out`."""
+    """Train a model of `config` from scratch, or resume the run saved in `out`. `data`: a directory that
+    `spj-edge prepare` wrote, or files of any format sources.py reads (tokenized in memory)."""
     out = Path(out) if out is not None else None
     procs = Processes.start()
     if resume:
@@ -441,14 +477,16 @@ def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOpti
         check_output(out, [*data, *(val_data or []), given_tokenizer], overwrite=overwrite, resume=resume)
     if resume:
         tokenizer = out / "tokenizer.json"
+    elif tokenizer is None and (directory := prepared_directory(data)) is not None:
+        tokenizer = directory / "tokenizer.json"  # the one it was prepared with
     procs.barrier()  # every rank has looked at `out` before rank 0 may write it
-    texts = read_texts(data)
+    documents, bad_records = read_training_text(data, sources)
     if isinstance(tokenizer, Tokenizer):
         check_matches_model(tokenizer, config.vocab_size, "tokenizer")
     else:
-        tokenizer = prepare_tokenizer(list(texts.values()), tokenizer, config, procs)
+        tokenizer = prepare_tokenizer(documents, tokenizer, config, procs)
     config = config.replace(**special_token_ids(tokenizer))
-    dataset = load_dataset(texts, tokenizer, config.max_position_embeddings, opts, val_data)
+    dataset = load_dataset(data, tokenizer, config.max_position_embeddings, opts, val_data, sources, documents)
     if resume:
         model = load_model(out)
         if model.config != config:
@@ -456,7 +494,7 @@ def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOpti
     else:
         torch.manual_seed(opts.seed)
         model = Transformer(config)
-    data_report = {"data": [str(p) for p in texts], "val_data": [str(p) for p in val_data or []],
-                   "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+    data_report = {"data": [str(p) for p in data], "val_data": [str(p) for p in val_data or []],
+                   "tokenizer_vocab_size": tokenizer.get_vocab_size(), "bad_records": bad_records}
     report = fit(model, tokenizer, dataset, opts, out, procs, resume=resume, report_extra=data_report)
     return model, tokenizer, report

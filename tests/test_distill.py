@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from conftest import UD, assert_one_line_error, cli
 from spj_edge.checkpoint import load_checkpoint, load_model, save_checkpoint
-from spj_edge.data import read_texts
 from spj_edge.distill import agreement_with_teacher, distill, distillation_loss, kd_loss
 from spj_edge.errors import SPJError
 from spj_edge.config import load_preset
@@ -76,7 +75,7 @@ def test_loss_mixes_cross_entropy_by_alpha_and_leaves_the_teacher_alone():
 def test_distilled_student_moves_towards_the_teacher(nano_checkpoint, tiny_preset, tmp_path):
     teacher, tokenizer = load_checkpoint(nano_checkpoint)
     opts = TrainOptions(steps=40, lr=1e-2, **FAST)
-    dataset = load_dataset(read_texts(DATA), tokenizer, TINY["max_position_embeddings"], opts)
+    dataset = load_dataset(DATA, tokenizer, TINY["max_position_embeddings"], opts)
     torch.manual_seed(opts.seed)
     untrained = Transformer(load_preset(tiny_preset))
     before = agreement_with_teacher(untrained, teacher, dataset.val[:8], 8)

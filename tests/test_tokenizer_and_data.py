@@ -79,12 +79,15 @@ def test_split_is_deterministic_by_seed_and_disjoint():
     assert np.array_equal(a.val, b.val) and a.fingerprint == b.fingerprint
     assert not np.array_equal(a.val, c.val)
     assert len(a.val) == round(len(stream) // 32 * 0.1)
-    assert not set(a.val[:, 0]) & set(a.train[:, 0])
+    first = a.train_batch(1, 0, a.train_windows)
+    assert a.train_windows + len(a.val) == len(stream) // 32
+    assert not set(a.val[:, 0]) & set(first[:, 0])
     # every window is a contiguous run of the stream: targets are the inputs shifted by one
-    assert (np.diff(a.train, axis=1) == 1).all()
-    first = a.train_batch(1, 0, len(a.train))
-    assert sorted(first[:, 0]) == sorted(a.train[:, 0]), "an epoch visits every training window once"
+    assert (np.diff(first, axis=1) == 1).all() and (first[:, 0] % 32 == 0).all()
+    assert len(set(first[:, 0])) == a.train_windows, "an epoch visits every training window once"
     assert np.array_equal(a.train_batch(1, 5, 3), first[5:8])
+    second = a.train_batch(1, a.train_windows, a.train_windows)
+    assert set(second[:, 0]) == set(first[:, 0]) and not np.array_equal(second, first), "the next epoch reshuffles"
 
 
 def test_corpus_stream_frames_paragraphs(ud_tokenizer):
