@@ -180,14 +180,14 @@ def _field(record, dotted: str):
 def _document(record, path: Path, where: str, options: SourceOptions, bad: BadRecords) -> tuple[str, str] | None:
     """The record's (source, text), or None for an empty text or a bad record that is skipped."""
     if not isinstance(record, dict):
-        bad.record(path, where, f"a JSON {type(record).__name__}, expected an object")
+        bad.record(path, where, f"{_json_type(record)}, expected an object")
         return None
     text = _field(record, options.text_field)
     if text is _MISSING or text is None:
         bad.record(path, where, f"no {options.text_field!r} field")
         return None
     if not isinstance(text, str):
-        bad.record(path, where, f"{options.text_field!r} is a {type(text).__name__}, expected a string")
+        bad.record(path, where, f"{options.text_field!r} is {_json_type(text)}, expected a string")
         return None
     try:
         text.encode("utf-8")
@@ -201,6 +201,11 @@ def _document(record, path: Path, where: str, options: SourceOptions, bad: BadRe
         bad.record(path, where, f"{options.source_field!r} is {source!r}, expected a source name")
         return None
     return (source, text) if text.strip() else None
+
+
+def _json_type(value) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def _reason(error: BaseException) -> str:
