@@ -231,3 +231,18 @@ def test_default_weights_follow_the_tokens(prepared):
     assert batch.dtype == np.int64 and batch.shape == (64, 129) and (batch == 1).any() and (batch == 2).any()
     assert len({row.tobytes() for row in batch}) == 64, "no window twice in an epoch"
     assert len(dataset.val) == 8
+
+
+def test_distill_reads_shards_of_the_teachers_tokenizer_only(prepared, tmp_path):
+    teacher = tmp_path / "teacher"
+    assert cli("train", *TRAIN, "--data", prepared, "--steps", "2", "--out", teacher).returncode == 0
+    student = tmp_path / "student"
+    result = cli("distill", "--teacher", teacher, "--preset", "nano", "--data", prepared, *TRAIN[2:], "--out", student)
+    assert result.returncode == 0, result.stderr
+    assert sum(json.loads((student / "report.json").read_text())["tokens_seen"].values()) == 6 * 4 * 128
+
+    other = tmp_path / "other-teacher"
+    assert cli("train", *TRAIN, "--data", UD / "fr_gsd_dev.txt", "--steps", "1", "--out", other).returncode == 0
+    result = cli("distill", "--teacher", other, "--preset", "nano", "--data", prepared, *TRAIN[2:],
+                 "--out", tmp_path / "refused")
+    assert_one_line_error(result, f"{prepared}: prepared with another tokenizer than {other / 'tokenizer.json'}")

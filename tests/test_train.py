@@ -1,7 +1,9 @@
-"""The training loop: accumulation, mixed precision, exact resume after SIGKILL, DDP, and bad input."""
+"""The training loop: accumulation, mixed precision, exact resume after SIGKILL, DDP on one machine and across two
+"nodes", and bad input."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -148,6 +150,53 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     a, b = (load_file(tmp_path / f"{run}.safetensors") for run in ("single", "ddp"))
     assert relative_difference([b[k] for k in sorted(b, key=int)], [a[k] for k in sorted(a, key=int)]) \
         < SUMMATION_ORDER_BOUND, "the all-reduced gradients of 2 x 4 windows differ from one process's 2 x 4"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_over_c10d_match_one_process_and_a_resume_on_another_world_size_is_refused(tmp_path):
+    """Two torchrun launchers, one per "node", meet at a c10d rendezvous on 127.0.0.1; each rank reads its own
+    windows of the prepared shards. Their all-reduced first-step gradients equal one process's with two micro-batches
+    (to summation order: grad_probe.SUMMATION_ORDER_BOUND); a checkpoint of 2 processes is not resumed by 1."""
+    tokenizer, shards = tmp_path / "tok.json", tmp_path / "shards"
+    assert run_cli("tokenizer", "--data", SHAKESPEARE / "val.txt", "--vocab-size", "512", "--out", tokenizer).returncode == 0
+    assert run_cli("prepare", "--data", SHAKESPEARE / "val.txt", UD / "en_ewt_dev.txt", "--tokenizer", tokenizer,
+                   "--out", shards, "--shard-tokens", "10000").returncode == 0
+    common = ["--preset", "nano", "--data", shards, "--steps", "3", "--precision", "fp32", "--eval-every", "3",
+              "--batch-size", "4"]
+    probe = [str(REPO / "tests" / "grad_probe.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *probe, str(tmp_path / "single.safetensors"), "train", *map(str, common),
+                             "--grad-accum", "2", "--out", str(tmp_path / "single")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "spj-test",
+                               *probe, str(tmp_path / f"node{node}.safetensors"), "train", *map(str, common),
+                               "--out", str(tmp_path / "two-nodes")],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for node in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    report = json.loads((tmp_path / "two-nodes" / "report.json").read_text())
+    assert report["processes"] == 2 and report["tokens_seen"] == json.loads(
+        (tmp_path / "single" / "report.json").read_text())["tokens_seen"]
+    rank0 = next(tmp_path / f"node{n}.safetensors" for n in range(2) if (tmp_path / f"node{n}.safetensors").exists())
+    a, b = load_file(tmp_path / "single.safetensors"), load_file(rank0)
+    assert relative_difference([b[k] for k in sorted(b, key=int)], [a[k] for k in sorted(a, key=int)]) \
+        < SUMMATION_ORDER_BOUND, "the all-reduced gradients of 2 nodes x 4 windows differ from one process's 2 x 4"
+
+    before = (tmp_path / "two-nodes" / "model.safetensors").read_bytes()
+    resumed = run_cli("train", *common, "--out", tmp_path / "two-nodes", "--resume")
+    assert resumed.returncode == 2 and resumed.stderr.strip().splitlines() == [
+        f"spj-edge: error: {tmp_path / 'two-nodes'}: ran with 2 processes, now 1: the batches would differ"]
+    assert (tmp_path / "two-nodes" / "model.safetensors").read_bytes() == before
 
 
 @pytest.mark.parametrize("args, message", [
