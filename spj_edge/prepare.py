@@ -108,8 +108,8 @@ class ShardWriter:
         self.documents += documents
         finished = False
         while len(ids):
-            if self.file is None:
-                self.file = (directory / self.open_name).open("ab")
+            if self.file is None:  # a new shard replaces what a killed run may have left under its name
+                self.file = (directory / self.open_name).open("ab" if self.open_tokens else "wb")
             room = self.shard_tokens - self.open_tokens
             self.file.write(ids[:room].tobytes())
             self.open_tokens += min(room, len(ids))
@@ -137,7 +137,8 @@ class ShardWriter:
         return {"shards": self.shards, "open_tokens": self.open_tokens, "documents": self.documents}
 
     def restore(self, directory: Path, state: dict) -> None:
-        """Continue from a checkpoint: what the open shard gained after it is cut off."""
+        """Continue from a checkpoint: what the open shard gained after it is cut off (and any later shard is
+        rewritten when its turn comes)."""
         self.shards, self.open_tokens, self.documents = state["shards"], state["open_tokens"], state["documents"]
         path = directory / self.open_name
         if path.exists():
@@ -262,7 +263,7 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
         bar = tqdm(total=len(files), initial=position.file, desc="prepare", unit="file", dynamic_ncols=True,
                    disable=None, mininterval=0.2 if sys.stderr.isatty() else 15)
         with concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_start_worker,
-                                                    initargs=(str(tokenizer),)) as pool:
+                                                    initargs=(str(tokenizer),)) as pool, _on_interrupt(out):
             pending: list = []  # (position after the chunk, its sources, the worker's future), in input order
             chunks = _chunks(_documents(files, position, sources, bad))
             while True:
@@ -310,6 +311,16 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
         shutil.rmtree(work)
     _print_summary(out, report)
     return report
+
+
+@contextlib.contextmanager
+def _on_interrupt(out: Path) -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"prepare: interrupted; the same command continues {out} from its last finished shard",
+              file=sys.stderr)
+        raise
 
 
 def _write_chunk(work: Path, chunk_sources: list[str], ids: np.ndarray, lengths: np.ndarray, val: np.ndarray,

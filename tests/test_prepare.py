@@ -99,10 +99,12 @@ def test_an_interrupted_prepare_continues_from_its_checkpoint(prepared, corpus, 
     write_chunk, calls = prepare_module._write_chunk, []
 
     def killed_half_way(*args):
-        calls.append(1)
-        if len(calls) == 12:
+        """Killed at the worst moment: a chunk finished a shard and began the next, its checkpoint is not written."""
+        finished = write_chunk(*args)
+        calls.append(finished)
+        if sum(calls) == 3:
             raise KeyboardInterrupt
-        return write_chunk(*args)
+        return finished
 
     monkeypatch.setattr(prepare_module, "_write_chunk", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
