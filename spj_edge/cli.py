@@ -93,6 +93,12 @@ def cmd_bench(args):
           chart=args.chart)
 
 
+def cmd_serve(args):
+    from .runtime.serve import ServeOptions, serve
+
+    serve(from_flags(ServeOptions, args))
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -243,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     p.add_argument("--chart", metavar="PNG", help="also draw speed against size (and quality, with eval figures)")
     p.set_defaults(run=cmd_bench)
+
+    from .runtime.serve import ServeOptions  # torch-free: the runtime-only install serves too
+
+    p = verbs.add_parser("serve", help="keep a package loaded behind an OpenAI-compatible HTTP API (completions, "
+                                       "chat, streaming; requests batched together)")
+    add_flags(p, ServeOptions)
+    p.set_defaults(run=cmd_serve)
 
     p = verbs.add_parser("demo", help="the whole path on ../shared/data, then SmolLM2 from ../shared/models to a "
                                      "chat reply, with a report")

@@ -1,8 +1,8 @@
 """`python -m spj_edge.runtime --model PKG --prompt TEXT`: generate text with onnxruntime, numpy and tokenizers only.
 
 With --prompt, the continuation is printed as plain text. With --chat, stdin is a conversation (CHAT below). Otherwise
-the runtime serves stdin and stdout (a pipe, a terminal or a socket, see runtimes/raspberry-pi/) with the protocol of
-PROTOCOL below.
+the runtime serves stdin and stdout (a pipe, a terminal or a socket) with the protocol of PROTOCOL below.
+`python -m spj_edge.runtime serve --model PKG` is the HTTP server instead (serve.py).
 """
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ JSON object per line of stdout, so that a continuation holding newlines can't be
   {{"line": N, "error": "..."}}                    line N was not served (not UTF-8, too long, ...); the next one is
 Strings are JSON-escaped (ASCII only), so a record never spans two lines.
 """
+SERVE = """\
+`python -m spj_edge.runtime serve --model PKG` keeps the model loaded behind an OpenAI-compatible HTTP API instead
+(see `serve --help`).
+"""
 RESET = "/reset"
 CHAT = f"""\
 With --chat, each line of stdin is your next message in a conversation that the package's chat template frames; the
@@ -38,7 +42,7 @@ on stderr, and the conversation goes on without it.
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m spj_edge.runtime", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Generate text from a spj-edge package with onnxruntime alone.",
-                       epilog=PROTOCOL + "\n" + CHAT)
+                       epilog=PROTOCOL + "\n" + CHAT + "\n" + SERVE)
     p.add_argument("--model", required=True, metavar="PKG", help="a package directory or its .tar.gz")
     p.add_argument("--prompt", help="the prompt; its continuation is printed as plain text (default: serve stdin, "
                                     "one prompt per line, one JSON record per line out: see below)")
@@ -189,6 +193,11 @@ def _native_stderr_silenced():
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from . import serve
+
+        return serve.main(argv[1:])
     args = build_parser().parse_args(argv)
 
     def run():
