@@ -29,5 +29,5 @@ Next:
   copy a package:   cp dist/student.spj.tar.gz $PREFIX/model.spj.tar.gz
   check it:         $PREFIX/venv/bin/python $HERE/check.py $PREFIX/model.spj.tar.gz
   generate:         $PREFIX/venv/bin/python -m spj_edge.runtime --model $PREFIX/model.spj.tar.gz --prompt "Once upon a time"
-  as a service:     see $HERE/README.md
+  as a service:     sudo cp $HERE/spj-edge.service $HERE/spj-edge-health.* /etc/systemd/system/ (see $HERE/README.md)
 DONE
