@@ -153,6 +153,28 @@ def write_json(path: str | os.PathLike, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
+# Past this, a graph's weights go to a file of their own: protobuf cannot write or read a message of 2 GiB or more.
+INLINE_MAX_BYTES = 1 << 30
+
+
+def write_onnx(proto, path: str | os.PathLike, external_data: bool | None = None) -> None:
+    """Write an ONNX graph as `path`, its tensors of 1 KiB or more in `path`.data beside it when `external_data` (None:
+    when the graph passes INLINE_MAX_BYTES). The small ones stay inside: shape inference reads them when loading.
+    `proto` gives up its tensors' bytes to the file when they go out (onnx moves them)."""
+    import onnx
+
+    path = Path(path)
+    if external_data is None:
+        external_data = proto.ByteSize() > INLINE_MAX_BYTES
+    if not external_data:
+        onnx.save_model(proto, str(path))
+        return
+    data = path.with_name(f"{path.name}.data")
+    data.unlink(missing_ok=True)  # onnx appends to it
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=1024)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 text through a temporary file and a rename."""
     path = Path(path)

@@ -1,6 +1,6 @@
 """`spj-edge package`: an exported (or quantized) model → what goes onto the device.
 
-    dist/NAME.spj/  model.onnx  tokenizer.json  spj.json        (--tar: dist/NAME.spj.tar.gz holding that folder)
+    dist/NAME.spj/  model.onnx  model.onnx.data  tokenizer.json  spj.json   (--tar: NAME.spj.tar.gz holding that folder)
 
 and, where the model came with them, Hugging Face's tokenizer_config.json, chat_template.jinja and
 generation_config.json, for other tools (the runtime reads what it needs of them from the manifest).
@@ -8,6 +8,10 @@ generation_config.json, for other tools (the runtime reads what it needs of them
 spj.json, the manifest, carries what the runtime needs without onnx: the model config, the graph's I/O names, opset,
 quantization mode and accuracy figures, the special token ids (every EOS id, whether the tokenizer puts <bos> in
 front), the chat template, the model's generation defaults and the sha256 and size of each file.
+
+model.onnx holds the nodes and the small tensors; its weights are ONNX external data in model.onnx.data, whatever the
+model's size: onnxruntime maps that file and uses it in place, so the runtime holds one copy of the model (see
+runtime/reader.py), and a graph past protobuf's 2 GiB can be packaged at all.
 
 The graph gets one change: a Gather of the last position in front of the LM head, so that a prompt's forward step
 computes one row of logits rather than one per prompt token (in a small model the LM head is the largest MatMul). The
@@ -19,6 +23,7 @@ greedily token for token as the unchanged source graph does through the same loo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -31,9 +36,9 @@ from onnx import helper, numpy_helper
 from . import __version__, contract
 from .artifact import open_export
 from .errors import SPJError
-from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json
+from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json, write_onnx
 from .runtime import Generator, Package
-from .runtime.reader import FORMAT_VERSION, MANIFEST, MODEL, sha256
+from .runtime.reader import CHUNK, FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, WEIGHTS
 from .tables import print_summary
 
 # The LM head as a float, QDQ, dynamic int8 or int4 graph writes it: its MatMul, what rescales an integer result, and
@@ -59,7 +64,7 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
     tokenizer = export.tokenizer
 
     sliced = last_position_logits(proto, config)
-    files = {MODEL: proto.SerializeToString(), **tokenizer.files_to_save()}
+    texts = tokenizer.files_to_save()
     manifest = {
         "format_version": FORMAT_VERSION,
         "model": config,
@@ -73,18 +78,20 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
                            "add_bos_token": tokenizer.special.adds_bos},
         "chat_template": tokenizer.chat_template,
         "generation": tokenizer.generation,  # generation_config.json's, over sampling.GENERATION_DEFAULTS
-        "files": {name: {"sha256": sha256(data), "bytes": len(data)} for name, data in files.items()},
         "source": {"path": str(model_dir), "stage": export.report.get("stage"),
                    "checkpoint_sha256": meta.get("spj.source_sha256")},
         "created_by": f"spj-edge {__version__}",
     }
     with _staged_tar(target, out.name) if tar else staged_dir(out) as folder:
-        for name, data in files.items():
+        write_onnx(proto, folder / MODEL, external_data=True)
+        del proto  # its weights went to the file
+        onnx.checker.check_model(str(folder / MODEL))  # by path: a graph past 2 GiB is checked too
+        for name, data in texts.items():
             (folder / name).write_bytes(data)
+        manifest["files"] = {name: file_entry(folder / name) for name in (MODEL, WEIGHTS, *texts)}
         write_json(folder / MANIFEST, manifest)
-        source = Generator(Package(model_dir, {**manifest, "logits": "all"}, {**files, MODEL: export.graph}))
         manifest["checks"] = {"source": export.report.get("checks", {}),
-                              "package": check_against_source(Generator.load(folder), source)}
+                              "package": check_against_source(Generator.load(folder), source_generator(export, manifest, texts[TOKENIZER]))}
         write_json(folder / MANIFEST, manifest)  # spj.json is not hashed: it holds the hashes
 
     checks = manifest["checks"]["package"]
@@ -95,6 +102,22 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
         *((name, f"{entry['bytes'] / 1e6:.2f} MB") for name, entry in manifest["files"].items()),
         ("greedy continuation", f"identical to the source graph's, {checks['greedy_tokens']} tokens")])
     return {"stage": "package", "out": str(target), **manifest}
+
+
+def file_entry(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+
+
+def source_generator(export, manifest: dict, tokenizer_json: bytes) -> Generator:
+    """The export's own graph (every position's logits), loaded by the runtime as the package is, for the check."""
+    weights = export.path / WEIGHTS
+    external = weights.is_file()
+    return Generator(Package(export.path, {**manifest, "logits": "all"}, {MODEL: export.graph, TOKENIZER: tokenizer_json},
+                             export.path if external else None, weights.stat().st_size if external else None))
 
 
 def last_position_logits(proto: onnx.ModelProto, config: dict) -> bool:

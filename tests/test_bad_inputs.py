@@ -53,7 +53,9 @@ def variant(source: Path, target: Path, **files: bytes | None) -> Path:
 def rehash(package_dir: Path, **manifest_changes) -> Path:
     """Make spj.json vouch for the package's files as they are now, so that only the change under test is wrong."""
     manifest = json.loads((package_dir / "spj.json").read_text())
-    for name in ("model.onnx", "tokenizer.json"):
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        if not (package_dir / name).is_file():
+            continue
         data = (package_dir / name).read_bytes()
         manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     for path, value in manifest_changes.items():
@@ -121,7 +123,7 @@ class World:
 
         pkg = self.package = root / "nano.spj"
         shutil.copytree(untrained / "nano.spj", pkg)
-        self.pkg_future = rehash(variant(pkg, root / "future.spj"), format_version=2)
+        self.pkg_future = rehash(variant(pkg, root / "future.spj"), format_version=3)
         self.pkg_foreign = rehash(variant(pkg, root / "foreign.spj", model__onnx=foreign_onnx()))
         self.pkg_bad_tokenizer = rehash(variant(pkg, root / "bad-tok.spj", tokenizer__json=b'{"model": 1'))
         self.pkg_big_tokenizer = rehash(variant(pkg, root / "big-tok.spj", tokenizer__json=self.big_tokenizer))
@@ -332,7 +334,7 @@ CASES = [
     runtime_case("zero-byte-archive", lambda w: w.tar_zero, [], ["{w.tar_zero}: not a package"]),
     runtime_case("empty-directory", lambda w: w.empty_dir, [], ["{w.empty_dir}/spj.json: missing from the package"]),
     runtime_case("future-format-version", lambda w: w.pkg_future, [],
-                 ["{w.pkg_future}/spj.json: package format version 2; this runtime reads version 1"]),
+                 ["{w.pkg_future}/spj.json: package format version 3; this runtime reads versions 1, 2"]),
     runtime_case("foreign-onnx", lambda w: w.pkg_foreign, [], ["{w.pkg_foreign}: model.onnx's inputs do not follow"]),
     runtime_case("corrupt-tokenizer", lambda w: w.pkg_bad_tokenizer, [],
                  ["{w.pkg_bad_tokenizer}: tokenizer.json is not a valid tokenizer"]),
@@ -414,7 +416,7 @@ PROCESS_CASES = {
     "train-negative-steps": (lambda w, out: run_cli("train", "--preset", "nano", "--data", w.text, "--steps", "-3",
                                                     "--out", out), "--steps must be a positive integer, got -3"),
     "runtime-future-format-version": (lambda w, out: runtime_cli("--model", w.pkg_future, "--prompt", "Hi"),
-                                      "{w.pkg_future}/spj.json: package format version 2"),
+                                      "{w.pkg_future}/spj.json: package format version 3"),
 }
 
 

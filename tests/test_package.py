@@ -40,11 +40,12 @@ def packaged(exported, tmp_path_factory):
 
 def test_files_and_manifest(exported, graph_kind, packaged):
     out, report = packaged
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.onnx", "spj.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.onnx", "model.onnx.data", "spj.json",
+                                                     "tokenizer.json"]
     manifest = json.loads((out / "spj.json").read_text())
     assert report["out"] == str(out) and {k: report[k] for k in manifest} == manifest
     config = json.loads((exported / "config.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["model"] == config
+    assert manifest["format_version"] == 2 and manifest["model"] == config
     shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
     assert manifest["io"] == {"inputs": [s.name for s in contract.inputs(*shape)],
                               "outputs": [s.name for s in contract.outputs(*shape, config["vocab_size"])]}
@@ -138,8 +139,8 @@ def test_tar_holds_one_folder_and_runs_like_the_directory(exported, packaged, tm
     archive = tmp_path / "nano.spj.tar.gz"
     assert report["out"] == str(archive) and sorted(p.name for p in tmp_path.iterdir()) == ["nano.spj.tar.gz"]
     with tarfile.open(archive) as tar:
-        assert sorted(tar.getnames()) == ["nano.spj", "nano.spj/model.onnx", "nano.spj/spj.json",
-                                          "nano.spj/tokenizer.json"]
+        assert sorted(tar.getnames()) == ["nano.spj", "nano.spj/model.onnx", "nano.spj/model.onnx.data",
+                                          "nano.spj/spj.json", "nano.spj/tokenizer.json"]
     options = dict(max_new_tokens=16, temperature=0.0, ignore_eos=True)
     assert (list(Generator.load(archive).tokens("The king", **options))
             == list(Generator.load(out).tokens("The king", **options)))
@@ -150,7 +151,8 @@ def test_overwrite_replaces_and_the_default_refuses(exported, packaged):
     with pytest.raises(SPJError, match="already exists"):
         package(exported, out)
     package(exported, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.onnx", "spj.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "model.onnx", "model.onnx.data", "spj.json",
+                                                     "tokenizer.json"]
 
 
 @pytest.mark.parametrize("case", ["no-dir", "not-onnx", "no-metadata", "no-tokenizer"])

@@ -198,7 +198,7 @@ def test_a_package_from_before_the_tokenizer_facts_runs_as_it_did(pkg, generator
     assert loaded.generate(PROMPTS[1], **options) == generator.generate(PROMPTS[1], **options)
 
 
-@pytest.mark.parametrize("name", ["model.onnx", "tokenizer.json"])
+@pytest.mark.parametrize("name", ["model.onnx", "model.onnx.data", "tokenizer.json"])
 def test_a_changed_file_is_refused_naming_it(pkg, tmp_path, name):
     changed = tmp_path / "nano.spj"
     shutil.copytree(pkg, changed)
@@ -219,6 +219,37 @@ def test_a_changed_file_is_refused_naming_it(pkg, tmp_path, name):
                           "truncated.tar.gz: damaged archive")
 
 
+@pytest.mark.parametrize("as_tar", [False, True])
+def test_what_was_verified_is_what_runs(pkg, generator, tmp_path, as_tar):
+    """The weights are hashed as they are read and loaded later, by onnxruntime, from a file: the verified one, not a
+    file put in its place between the two (a directory package holds its files open; a tar's are inflated into a
+    private folder, removed with the package)."""
+    import gc
+
+    from spj_edge.runtime import read_package
+
+    copy = tmp_path / "nano.spj"
+    shutil.copytree(pkg, copy)
+    source = copy
+    if as_tar:
+        source = tmp_path / "nano.spj.tar.gz"
+        with tarfile.open(source, "w:gz") as tar:
+            tar.add(copy, arcname="nano.spj")
+    package = read_package(source)
+    for name, stand_in in (("model.onnx.data", bytes((copy / "model.onnx.data").stat().st_size)),
+                           ("model.onnx", b"not a graph")):
+        (copy / name).rename(copy / f"verified-{name}")  # swapped by rename: rewriting in place is not covered
+        (copy / name).write_bytes(stand_in)
+    options = dict(max_new_tokens=16, temperature=0)
+    assert Generator(package).generate(PROMPTS[0], **options) == generator.generate(PROMPTS[0], **options)
+    folder = package.model_folder
+    assert folder != copy and folder.is_dir() and sorted(p.name for p in folder.iterdir()) == [
+        "model.onnx", "model.onnx.data"]
+    del package
+    gc.collect()
+    assert not folder.exists()  # the private copy or links go with the package
+
+
 def test_a_missing_file_or_an_unreadable_manifest_is_refused(pkg, tmp_path):
     broken = tmp_path / "nano.spj"
     shutil.copytree(pkg, broken)
@@ -231,8 +262,8 @@ def test_a_missing_file_or_an_unreadable_manifest_is_refused(pkg, tmp_path):
     with pytest.raises(SPJError, match="spj.json: incomplete manifest, it lacks generation.top_p, "
                                        "files.model.onnx.sha256"):
         Generator.load(broken)
-    (broken / "spj.json").write_text(json.dumps({**manifest, "format_version": 2}))
-    with pytest.raises(SPJError, match="spj.json: package format version 2; this runtime reads version 1"):
+    (broken / "spj.json").write_text(json.dumps({**manifest, "format_version": 3}))
+    with pytest.raises(SPJError, match="spj.json: package format version 3; this runtime reads versions 1, 2"):
         Generator.load(broken)
     with pytest.raises(SPJError, match="nothing: no such package"):
         Generator.load(tmp_path / "nothing")

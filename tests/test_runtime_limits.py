@@ -23,7 +23,6 @@ from spj_edge.errors import SPJError
 from spj_edge.config import SPJConfig
 from spj_edge.runtime import Generator
 from spj_edge.runtime.generator import PROMPT_MAX_BYTES, cores, text_pieces
-from spj_edge.runtime.reader import ARCHIVE_MAX_BYTES
 from test_bad_inputs import rehash
 
 
@@ -48,10 +47,16 @@ def with_graph(pkg: Path, target: Path, change) -> Path:
 
 
 # --- item 1: a graph may not read files of its own choosing ----------------------------------------------------------
-@pytest.mark.parametrize("location", ["secret.txt", "../secret.txt", "/etc/passwd"])
-def test_external_data_is_refused_before_onnxruntime_reads_it(pkg, tmp_path, location):
+@pytest.mark.parametrize("location, offset, message", [
+    ("secret.txt", 0, "reads its data from 'secret.txt' (with ['length', 'location', 'offset']), not from the "
+                      "package's model.onnx.data alone"),
+    ("../secret.txt", 0, "reads its data from '../secret.txt'"),
+    ("/etc/passwd", 0, "reads its data from '/etc/passwd'"),
+    ("model.onnx.data", 10**12, "reads bytes 1000000000000-1000000000008 of model.onnx.data, which has"),
+])
+def test_external_data_is_refused_before_onnxruntime_reads_it(pkg, tmp_path, location, offset, message):
     """The proof of concept: an initializer whose bytes live in a file named relative to the working directory (or
-    outside the package, or absolute). onnxruntime, given the graph as bytes, would read it unhashed."""
+    outside the package, or absolute), or past the end of the package's own weights. onnxruntime would read it."""
     work = tmp_path / "work"
     work.mkdir()
     (work / "secret.txt").write_bytes(bytes(4096))
@@ -62,12 +67,25 @@ def test_external_data_is_refused_before_onnxruntime_reads_it(pkg, tmp_path, loc
         tensor.ClearField("raw_data")
         tensor.data_location = onnx.TensorProto.EXTERNAL
         tensor.external_data.add(key="location", value=location)
+        tensor.external_data.add(key="offset", value=str(offset))
         tensor.external_data.add(key="length", value="8")
 
     evil = with_graph(pkg, tmp_path / "evil.spj", external)
     assert_one_line_error(runtime("--model", evil, "--prompt", "Hi", cwd=work),
-                          "evil.spj: model.onnx: tensor '/lm_head/last_position.index' keeps its data in another "
-                          "file (external data)")
+                          f"evil.spj: model.onnx: tensor '/lm_head/last_position.index' {message}")
+
+
+def test_external_data_needs_the_packages_own_weights_file(pkg, tmp_path):
+    """A graph that names model.onnx.data in a package whose manifest lists no such file: a format-1 package whose
+    graph would read a file nobody verified."""
+    legacy = tmp_path / "legacy.spj"
+    shutil.copytree(pkg, legacy)
+    manifest = json.loads((legacy / "spj.json").read_text())
+    del manifest["files"]["model.onnx.data"]
+    (legacy / "spj.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    assert_one_line_error(runtime("--model", legacy, "--prompt", "Hi"),
+                          "keeps its data in another file "
+                          "(external data) and the package has no verified model.onnx.data; refusing to load it")
 
 
 def test_control_flow_and_unknown_ops_are_refused(pkg, tmp_path):
@@ -108,7 +126,7 @@ def test_control_flow_and_unknown_ops_are_refused(pkg, tmp_path):
     ({"model__num_hidden_layers": 3}, "model.onnx's inputs do not follow the ONNX contract for its config "
                                       "(7 inputs where 3 layers need 9)"),
     ({"special_tokens__bos_token_id": 600}, "special_tokens.bos_token_id is 600, not an id of the model's vocabulary"),
-    ({"format_version": True}, "package format version True; this runtime reads version 1"),
+    ({"format_version": True}, "package format version True; this runtime reads versions 1, 2"),
     ({"files__../x": {"sha256": "0" * 64, "bytes": 1}}, "files lists '../x', which is not a file of the package"),
     ({"files__model.onnx__bytes": 2**40}, "files.model.onnx.bytes must be an integer from 0 to"),
 ])
@@ -206,7 +224,8 @@ def test_a_huge_member_is_refused_before_it_is_inflated(pkg, tmp_path):
                        for name, data in ((n, (pkg / n).read_bytes()) for n in ("spj.json", "tokenizer.json")))
     archive = tmp_path / "bomb.tar.gz"
     archive.write_bytes(gzip.compress(members + header("nano.spj/padding", 10 << 30) + bytes(1024)))
-    with pytest.raises(SPJError, match=f"member 'nano.spj/padding' is past {ARCHIVE_MAX_BYTES} bytes of members"):
+    with pytest.raises(SPJError, match=f"member 'nano.spj/padding' is {10 << 30} bytes, more than the {64 << 20} a "
+                                       "padding may have"):
         Generator.load(archive)
 
 

@@ -58,7 +58,7 @@ class Generator:
     def __init__(self, package: Package, threads: int | None = None):
         manifest, config = package.manifest, package.config
         self.package = package
-        check_graph(package.files[MODEL], manifest, f"{package.source}: {MODEL}")  # before onnxruntime sees it
+        check_graph(package.files[MODEL], manifest, f"{package.source}: {MODEL}", package.weights_bytes)  # first
         self.context = config["max_position_embeddings"]
         self.vocab_size = config["vocab_size"]
         shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
@@ -369,8 +369,10 @@ def _session(package: Package, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: warnings would break the one-line output of the CLI
+    # From a path, onnxruntime maps the weights file and uses it in place: one copy of the model in memory.
+    model = package.files[MODEL] if package.model_folder is None else str(package.model_folder / MODEL)
     try:
-        return ort.InferenceSession(package.files[MODEL], options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime's own exception types, with multi-line messages
         raise SPJError(f"{package.source}: onnxruntime {ort.__version__} cannot load {MODEL} "
                        f"({str(e).splitlines()[0][:200]})") from None

@@ -1,10 +1,10 @@
 """What a package's model.onnx may hold, checked on its bytes before onnxruntime sees them, without the onnx package.
 
-A graph that onnxruntime is given as bytes resolves the files its external-data tensors name against the working
-directory, reads them unhashed, and runs a `Loop` for as long as the graph says. So a package's graph is refused unless
-it is what spj-edge's exporter and quantizer write: every tensor inside the file (no external data), no subgraphs and
-no model-local functions (no control flow), only the op types of ALLOWED_OPS, and inputs, outputs and metadata that
-agree with the manifest. The walk reads protobuf's wire format directly (field numbers from onnx.proto) and skips
+onnxruntime reads whatever files a graph's external-data tensors name, and runs a `Loop` for as long as the graph
+says. So a package's graph is refused unless it is what spj-edge's exporter and quantizer write: tensors inside the
+file or in the package's own verified model.onnx.data (no other file, no range past its end), no subgraphs and no
+model-local functions (no control flow), only the op types of ALLOWED_OPS, and inputs, outputs and metadata that agree
+with the manifest. The walk reads protobuf's wire format directly (field numbers from onnx.proto) and skips
 tensor bytes without copying them.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Iterator
 
 from .. import contract
 from ..errors import SPJError
+from .reader import WEIGHTS
 
 # The op types (domain, op_type) in what `spj-edge export` (fused or plain, opsets 14-21) and `spj-edge quantize`
 # (static, dynamic, int4) write; nothing with a subgraph.
@@ -49,10 +50,11 @@ class Graph:
     ops: set[tuple[str, str]] = field(default_factory=set)  # (domain, op_type), "" for ai.onnx
 
 
-def check_graph(model: bytes, manifest: dict, where: str) -> None:
-    """Refuse, in one line naming `where`, a graph that is not safe to load or that the manifest misdescribes."""
+def check_graph(model: bytes, manifest: dict, where: str, weights_bytes: int | None = None) -> None:
+    """Refuse, in one line naming `where`, a graph that is not safe to load or that the manifest misdescribes.
+    `weights_bytes`: the size of the verified WEIGHTS beside it; None: there is none, every tensor must be inside."""
     try:
-        graph = _Walk().model(memoryview(model))
+        graph = _Walk(weights_bytes).model(memoryview(model))
     except _Malformed as e:
         raise SPJError(f"{where}: {e}") from None
     _check_io(graph, manifest, where)
@@ -122,8 +124,9 @@ def _check_metadata(graph: Graph, manifest: dict, where: str) -> None:
 class _Walk:
     """ModelProto → GraphProto → NodeProto / TensorProto, by field number; refuses as it goes."""
 
-    def __init__(self):
+    def __init__(self, weights_bytes: int | None):
         self.fields = 0
+        self.weights_bytes = weights_bytes
 
     def model(self, data: memoryview) -> Graph:
         graph = Graph()
@@ -178,15 +181,32 @@ class _Walk:
                 self._tensor(_message(value, "sparse tensor"))
 
     def _tensor(self, data: memoryview) -> None:
-        name, external = "", False
+        name, external, entries = "", False, {}
         for number, value in self._fields(data):
             if number == 8:
                 name = _text(value)
-            elif number == 13 or (number == 14 and value == EXTERNAL):  # external_data, data_location
+            elif number == 13:  # external_data: key/value pairs
+                entry = dict(self._strings(_message(value, "external_data"), {1: "key", 2: "value"}))
+                entries[entry.get("key", "")] = entry.get("value", "")
+            elif number == 14 and value == EXTERNAL:  # data_location
                 external = True
-        if external:
-            raise _Malformed(f"tensor {name!r} keeps its data in another file (external data), which onnxruntime "
-                             "would read unverified; a package's graph must hold all its data; refusing to load it")
+        if external or entries:
+            self._check_external(name, entries)
+
+    def _check_external(self, name: str, entries: dict[str, str]) -> None:
+        if self.weights_bytes is None:
+            raise _Malformed(f"tensor {name!r} keeps its data in another file (external data) and the package has "
+                             f"no verified {WEIGHTS}; refusing to load it")
+        if entries.get("location") != WEIGHTS or set(entries) - {"location", "offset", "length"}:
+            raise _Malformed(f"tensor {name!r} reads its data from {entries.get('location')!r} (with "
+                             f"{sorted(entries)}), not from the package's {WEIGHTS} alone; refusing to load it")
+        try:
+            offset, length = int(entries.get("offset", "0")), int(entries["length"])
+        except (KeyError, ValueError):
+            raise _Malformed(f"tensor {name!r}: its external data has no valid offset and length") from None
+        if not 0 <= offset <= offset + length <= self.weights_bytes:
+            raise _Malformed(f"tensor {name!r} reads bytes {offset}-{offset + length} of {WEIGHTS}, which has "
+                             f"{self.weights_bytes}; refusing to load it")
 
     def _value_info(self, data: memoryview) -> tuple[str, int, tuple]:
         name, element, dims = "", 0, []

@@ -1,10 +1,20 @@
-"""Reading a package (a directory, or its .tar.gz) into memory, every file checked against spj.json first.
+"""Reading a package (a directory, or its .tar.gz), every file checked against spj.json first.
 
-The files are read once, as bytes, and those very bytes are hashed and then handed to onnxruntime and tokenizers: what
-was verified is what runs, whatever happens to the files afterwards. A tar is never extracted to disk: its members are
-read in memory, and the whole archive is refused if any member is a link, a device, an absolute path, a path that
-leaves the package folder or a second copy of a name. A file's size is checked (against the manifest, or a limit)
-before any of it is read, and no package file may be a link, a device or a FIFO.
+The manifest, the tokenizer and the graph (model.onnx: the nodes and the small tensors) are read once, as bytes, and
+those very bytes are hashed and used: what was verified is what runs, whatever happens to the files afterwards.
+
+The weights (model.onnx.data) are the model's size, so they are hashed as they stream past and never held in Python:
+onnxruntime maps them from a file, which makes them the process's one copy of the model (a package handed over as
+bytes cost twice its size). That file is the verified one itself, held open: in a directory package, the package's
+own file, opened once, hashed through that descriptor and given to onnxruntime as /proc/self/fd/N (so a file swapped
+in after the check is not the one loaded; where /proc is missing, the file is opened again by name: a gap between
+verification and load that only someone who can write the package folder can use); in a .tar.gz, a copy inflated into
+a private temporary folder as it is hashed, deleted with the package. Only these two file names are ever written or
+linked there, never a member's own name.
+
+An archive is refused whole if any member is a link, a device, an absolute path, a path that leaves the package folder
+or a second copy of a name. A file's size is checked (against the manifest, or a limit) before any of it is read, and
+no package file may be a link, a device or a FIFO.
 """
 from __future__ import annotations
 
@@ -13,11 +23,15 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tarfile
+import tempfile
+import weakref
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from ..errors import SPJError
 from ..sampling import SamplingParams
@@ -25,13 +39,18 @@ from ..tokenizer import CHAT_TEMPLATE_MAX_CHARS, EOS_IDS_MAX
 
 MANIFEST = "spj.json"
 MODEL = "model.onnx"
+WEIGHTS = "model.onnx.data"  # the graph's tensors of 1 KiB or more, as ONNX external data
 TOKENIZER = "tokenizer.json"
-FORMAT_VERSION = 1
+# Version 2 keeps the weights in WEIGHTS; a version 1 package (every tensor inside model.onnx) is still read.
+FORMAT_VERSION = 2
+READS_VERSIONS = (1, 2)
 # The most bytes each file may have, checked before it is read, so that a crafted package can't make us read or
 # inflate gigabytes. A real manifest is a few KB; protobuf can't parse a graph of 2 GiB or more; the largest real
-# tokenizer.json files (Gemma's) are about 33 MB.
+# tokenizer.json files (Gemma's) are about 33 MB; 64 GiB of weights is a 16-billion-parameter float32 model.
 MANIFEST_MAX_BYTES = 1 << 20
-MAX_BYTES = {MANIFEST: MANIFEST_MAX_BYTES, MODEL: (1 << 31) - 1, TOKENIZER: 64 << 20}
+MAX_BYTES = {MANIFEST: MANIFEST_MAX_BYTES, MODEL: (1 << 31) - 1, WEIGHTS: 64 << 30, TOKENIZER: 64 << 20}
+OTHER_MAX_BYTES = 64 << 20  # the Hugging Face files a package carries for other tools (tokenizer_config.json, ...)
+CHUNK = 1 << 20
 ARCHIVE_MAX_BYTES = sum(MAX_BYTES.values())  # all members of an archive together, and the archive itself
 ARCHIVE_MAX_MEMBERS = 64
 LARGEST = 1 << 20  # the largest vocabulary, context or token count a manifest may give (real ones: 256 K at most)
@@ -57,7 +76,12 @@ REQUIRED = [
 class Package:
     source: Path
     manifest: dict
-    files: dict[str, bytes]  # MODEL and TOKENIZER, verified
+    files: dict[str, bytes]  # MODEL (its graph) and TOKENIZER, verified
+    # Where onnxruntime opens MODEL with its WEIGHTS of `weights_bytes` bytes, both verified; None: the graph holds
+    # every tensor and is loaded from files[MODEL].
+    model_folder: Path | None = None
+    weights_bytes: int | None = None
+    holding: object = field(default=None, repr=False, compare=False)  # keeps model_folder's files while we live
 
     @property
     def config(self) -> dict:
@@ -96,11 +120,54 @@ def _read(source: Path, files) -> Package:
     for name in (MODEL, TOKENIZER):
         entry = manifest["files"][name]
         data = files.read(name, entry["bytes"])  # the size is checked before a byte is read
-        if sha256(data) != entry["sha256"]:
-            raise SPJError(f"{files.where(name)}: sha256 differs from {MANIFEST}'s: the file was changed or damaged "
-                           "after packaging; refusing to load it")
+        _check_hash(files.where(name), sha256(data), entry)
         verified[name] = data
-    return Package(source, manifest, verified)
+    weights = manifest["files"].get(WEIGHTS)
+    if weights is None:
+        return Package(source, manifest, verified)
+    folder, holding = files.pin(verified[MODEL], weights)
+    return Package(source, manifest, verified, folder, weights["bytes"], holding)
+
+
+def _check_hash(where: str, digest: str, entry: dict) -> None:
+    if digest != entry["sha256"]:
+        raise SPJError(f"{where}: sha256 differs from {MANIFEST}'s: the file was changed or damaged after packaging; "
+                       "refusing to load it")
+
+
+def _copy_hashing(source: BinaryIO, target: BinaryIO | None, size: int, where: str) -> str:
+    """The sha256 of `source`'s `size` bytes, read a chunk at a time (and written to `target`, if any)."""
+    digest, left = hashlib.sha256(), size
+    while left:
+        chunk = source.read(min(CHUNK, left))
+        if not chunk:
+            raise SPJError(f"{where}: changed while it was being read; refusing to load it")
+        digest.update(chunk)
+        if target is not None:
+            target.write(chunk)
+        left -= len(chunk)
+    return digest.hexdigest()
+
+
+class _PinnedFolder:
+    """A private temporary folder holding MODEL and WEIGHTS for onnxruntime to open by path, removed (and any
+    descriptors it holds closed) when the package that owns it is collected."""
+
+    def __init__(self):
+        self.path = Path(tempfile.mkdtemp(prefix="spj-edge-package-"))  # mode 0700
+        self.descriptors: list[int] = []
+        weakref.finalize(self, _remove_pinned, self.path, self.descriptors)
+
+
+def _remove_pinned(path: Path, descriptors: list[int]) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    for fd in descriptors:
+        os.close(fd)
+
+
+def _pinnable() -> bool:
+    """Whether /proc/self/fd/N opens the very file descriptor N has open (Linux, Android)."""
+    return os.path.isdir("/proc/self/fd")
 
 
 def _parse_manifest(data: bytes, where: str) -> dict:
@@ -113,9 +180,9 @@ def _parse_manifest(data: bytes, where: str) -> dict:
     if not isinstance(manifest, dict) or "format_version" not in manifest:
         raise SPJError(f"{where}: not a spj-edge package manifest")
     version = manifest["format_version"]
-    if type(version) is not int or version != FORMAT_VERSION:  # JSON's true equals 1 in Python
-        raise SPJError(f"{where}: package format version {version!r}; this runtime reads version "
-                       f"{FORMAT_VERSION} (update spj-edge or repackage the model)")
+    if type(version) is not int or version not in READS_VERSIONS:  # JSON's true equals 1 in Python
+        raise SPJError(f"{where}: package format version {version!r}; this runtime reads versions "
+                       f"{', '.join(map(str, READS_VERSIONS))} (update spj-edge or repackage the model)")
     missing = [".".join(path) for path in REQUIRED if not _has(manifest, path)]
     if missing:
         raise SPJError(f"{where}: incomplete manifest, it lacks {', '.join(missing)}")
@@ -175,7 +242,10 @@ def _check_files(files: dict, where: str) -> None:
     for name, entry in files.items():
         if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
             raise SPJError(f"{where}: files lists {name!r}, which is not a file of the package folder")
-        if name in (MODEL, TOKENIZER):
+        if name == WEIGHTS and not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                                    and "bytes" in entry):
+            raise SPJError(f"{where}: files.{name} must give its sha256 and bytes")
+        if name in (MODEL, TOKENIZER, WEIGHTS):
             size = entry["bytes"]
             if not (_is_integer(size) and 0 <= size <= MAX_BYTES[name]):
                 raise SPJError(f"{where}: files.{name}.bytes must be an integer from 0 to {MAX_BYTES[name]}, "
@@ -208,6 +278,44 @@ class _DirectoryFiles:
         return str(self.root / name)
 
     def read(self, name: str, size: int | None) -> bytes:
+        fd, length = self._open(name, size)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                data = f.read(length + 1)
+        except OSError as e:
+            raise SPJError(f"{self.where(name)}: cannot read ({e.strerror})") from None
+        finally:
+            os.close(fd)
+        if len(data) != length:
+            raise SPJError(f"{self.where(name)}: changed while it was being read; refusing to load it")
+        return data
+
+    def pin(self, graph: bytes, entry: dict) -> tuple[Path, _PinnedFolder | None]:
+        """A folder where MODEL and WEIGHTS are the files verified, held open (see the module's text)."""
+        if not _pinnable():
+            fd, length = self._open(WEIGHTS, entry["bytes"])
+            with os.fdopen(fd, "rb") as f:
+                _check_hash(self.where(WEIGHTS), _copy_hashing(f, None, length, self.where(WEIGHTS)), entry)
+            return self.root, None
+        folder = _PinnedFolder()
+        for name in (MODEL, WEIGHTS):
+            fd, length = self._open(name, entry["bytes"] if name == WEIGHTS else len(graph))
+            folder.descriptors.append(fd)
+            try:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    if name == MODEL and f.read() != graph:
+                        raise SPJError(f"{self.where(name)}: changed while it was being read; refusing to load it")
+                    if name == WEIGHTS:
+                        _check_hash(self.where(name), _copy_hashing(f, None, length, self.where(name)), entry)
+            except OSError as e:
+                raise SPJError(f"{self.where(name)}: cannot read ({e.strerror})") from None
+            # onnxruntime resolves the links (to the package's files, wherever they now are) and refuses weights
+            # outside the graph's folder: both go through the same kind of link.
+            os.symlink(f"/proc/self/fd/{fd}", folder.path / name)
+        return folder.path, folder
+
+    def _open(self, name: str, size: int | None) -> tuple[int, int]:
+        """A descriptor of the package's file itself and its size, checked before a byte is read."""
         path = self.root / name
         # Not following a link, and not waiting on a FIFO: a package's files are the files themselves, as in a tar.
         flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -225,15 +333,10 @@ class _DirectoryFiles:
                 kind = "directory" if stat.S_ISDIR(info.st_mode) else "FIFO, device or socket"
                 raise SPJError(f"{path}: missing from the package (a {kind} stands in its place)")
             _check_size(str(path), name, info.st_size, size)
-            with os.fdopen(fd, "rb", closefd=False) as f:
-                data = f.read(info.st_size + 1)
-        except OSError as e:
-            raise SPJError(f"{path}: cannot read ({e.strerror})") from None
-        finally:
+        except BaseException:
             os.close(fd)
-        if len(data) != info.st_size:
-            raise SPJError(f"{path}: changed while it was being read; refusing to load it")
-        return data
+            raise
+        return fd, info.st_size
 
 
 class _TarFiles:
@@ -262,6 +365,9 @@ class _TarFiles:
                 continue
             if len(parts) > 2 or (len(parts) == 2 and m.isdir()):
                 self._refuse(m, "nested below the package folder")
+            limit = MAX_BYTES.get(parts[-1], OTHER_MAX_BYTES)
+            if m.size > limit:
+                self._refuse(m, f"{m.size} bytes, more than the {limit} a {parts[-1]} may have")
             total += m.size
             if total > ARCHIVE_MAX_BYTES:
                 self._refuse(m, f"past {ARCHIVE_MAX_BYTES} bytes of members, more than a package may have")
@@ -283,8 +389,24 @@ class _TarFiles:
         return f"{self.path}:{self.top}/{name}"
 
     def read(self, name: str, size: int | None) -> bytes:
+        return self._member(name, size).read()
+
+    def pin(self, graph: bytes, entry: dict) -> tuple[Path, _PinnedFolder]:
+        """WEIGHTS inflated into a private folder as it is hashed: a file onnxruntime can map, never in Python."""
+        folder = _PinnedFolder()
+        (folder.path / MODEL).write_bytes(graph)
+        member = self._member(WEIGHTS, entry["bytes"])
+        try:
+            with open(folder.path / WEIGHTS, "xb") as copy:
+                digest = _copy_hashing(member, copy, entry["bytes"], self.where(WEIGHTS))
+        except OSError as e:  # a full disk, most likely
+            raise SPJError(f"{self.where(WEIGHTS)}: cannot unpack it into {folder.path} ({e.strerror})") from None
+        _check_hash(self.where(WEIGHTS), digest, entry)
+        return folder.path, folder
+
+    def _member(self, name: str, size: int | None) -> BinaryIO:
         member = self.members.get(f"{self.top}/{name}")
         if member is None:
             raise SPJError(f"{self.where(name)}: missing from the package")
         _check_size(self.where(name), name, member.size, size)
-        return self.tar.extractfile(member).read()
+        return self.tar.extractfile(member)
