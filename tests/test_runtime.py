@@ -141,6 +141,9 @@ def test_cli_needs_no_toolchain_and_prints_what_spj_edge_generate_prints(pkg, na
         result = runtime_cli("--model", model, *flags, env=env)
         assert result.returncode == 0 and result.stderr == "", result.stderr
         assert result.stdout == expected.stdout
+    # the HTTP server's modules as well (test_serve runs its server process under this BLOCKER and serves requests)
+    served = runtime_cli("serve", "--help", env=env)
+    assert served.returncode == 0 and "--max-batch" in served.stdout, served.stderr
 
 
 def test_stdin_prompts_no_stream_and_verbose(pkg, generator):
