@@ -1,4 +1,9 @@
-"""Text files → token stream → fixed-length training windows, with a held-out split that depends only on the seed."""
+"""Text files → token stream → fixed-length training windows, with a held-out split that depends only on the seed.
+
+Training reads windows through one interface, `Dataset`: per source, `Windows` over one in-memory stream (text
+tokenized here) or over the memory-mapped shards of a prepared directory (prepare.py), and a `Mixture` that says which
+source each sample of the run comes from. The batch of any step follows from the seed and the step alone, which is
+what makes --resume exact and lets every torchrun rank read only its own windows."""
 from __future__ import annotations
 
 import hashlib

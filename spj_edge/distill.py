@@ -82,7 +82,8 @@ def agreement_with_teacher(student: Transformer, teacher: Transformer, windows: 
 def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Path | None = None,
             student_dir: str | Path | None = None, data: list, opts: TrainOptions = TrainOptions(),
             temperature: float = 1.0, alpha: float = 0.0, val_data: list | None = None,
-            sources: SourceOptions = SourceOptions(), resume: bool = False, overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
+            sources: SourceOptions = SourceOptions(), resume: bool = False,
+            overwrite: bool = False) -> tuple[Transformer, Tokenizer, dict]:
     """Distill the teacher checkpoint into a new student of `preset`, or into the checkpoint `student_dir` (a pruned
     teacher, say), or resume the run saved in `out`."""
     if (preset is None) == (student_dir is None):

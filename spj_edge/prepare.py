@@ -57,7 +57,7 @@ def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / INDEX).is_file()
 
 
-# --- the workers --------------------------------------------------------------------------------------------------------
+# --- the workers ------------------------------------------------------------------------------------------------------
 _worker_tokenizer: TextTokenizer | None = None
 
 
@@ -82,7 +82,7 @@ def _tokenize(texts: list[str], val_fraction: float, dtype: str) -> tuple[np.nda
     return ids, lengths, val, sum(map(len, encoded))
 
 
-# --- the shards ---------------------------------------------------------------------------------------------------------
+# --- the shards -------------------------------------------------------------------------------------------------------
 @dataclass
 class ShardWriter:
     """One source's split: finished shards, and the open one that tokens are appended to."""
@@ -153,7 +153,58 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-# --- the stage ----------------------------------------------------------------------------------------------------------
+class Shards:
+    """Every source's and split's ShardWriter in the work directory, numbered by source in first-seen order."""
+
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int):
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.writers: dict[tuple[str, str], ShardWriter] = {}  # (source, split) → its writer
+        self.names: list[str] = []  # sources in first-seen order: their number in shard names
+
+    def writer(self, source: str, split: str) -> ShardWriter:
+        if source not in self.names:
+            self.names.append(source)
+        if (source, split) not in self.writers:
+            prefix = f"{split}-{self.names.index(source):04d}"
+            self.writers[source, split] = ShardWriter(prefix, self.dtype, self.shard_tokens)
+        return self.writers[source, split]
+
+    def write_chunk(self, chunk_sources: list[str], ids: np.ndarray, lengths: np.ndarray, val: np.ndarray) -> bool:
+        """Append each run of documents of one source and split to its writer; True if a shard was finished."""
+        ends, keys = np.cumsum(lengths), list(zip(chunk_sources, val))
+        finished, first = False, 0
+        for last in range(len(keys)):
+            if last + 1 == len(keys) or keys[last + 1] != keys[first]:
+                start = ends[first - 1] if first else 0
+                target = self.writer(chunk_sources[first], SPLITS[int(val[first])])
+                finished |= target.write(self.directory, ids[start:ends[last]], last + 1 - first)
+                first = last + 1
+        return finished
+
+    def state(self) -> list[dict]:
+        """For a checkpoint: what is written so far, flushed to the files."""
+        for w in self.writers.values():
+            w.flush()
+        return [{"source": source, "split": split, "state": w.state()} for (source, split), w in self.writers.items()]
+
+    def restore(self, saved: list[dict]) -> None:
+        for entry in saved:
+            self.writer(entry["source"], entry["split"]).restore(self.directory, entry["state"])
+
+    def finish(self) -> dict:
+        """Close every open shard; index.json's "sources"."""
+        for w in self.writers.values():
+            w.finish(self.directory)
+        return {source: {split: {"documents": w.documents, "tokens": w.tokens, "shards": w.shards}
+                         for split in SPLITS if (w := self.writers.get((source, split)))} for source in self.names}
+
+    def move_to(self, directory: Path) -> None:
+        for w in self.writers.values():
+            for shard in w.shards:
+                os.replace(self.directory / shard["name"], directory / shard["name"])
+
+
+# --- the stage --------------------------------------------------------------------------------------------------------
 @dataclass
 class Position:
     """How far the input has been read: whole files, then documents of the next one."""
@@ -231,39 +282,24 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
     bad = BadRecords(sources.skip_bad_records)
     started = time.perf_counter()
     with _work_dir(out, plan) as (work, progress):
-        writers: dict[tuple[str, str], ShardWriter] = {}  # (source, split) → its writer, in first-seen order
-        names: list[str] = []  # sources in first-seen order: their number in shard names
-
-        def writer(source: str, split: str) -> ShardWriter:
-            if source not in names:
-                names.append(source)
-            if (source, split) not in writers:
-                writers[source, split] = ShardWriter(f"{split}-{names.index(source):04d}", dtype, options.shard_tokens)
-            return writers[source, split]
-
+        shards = Shards(work, dtype, options.shard_tokens)
         position, text_bytes = Position(), 0
         if progress is not None:
             position, text_bytes = Position(**progress["position"]), progress["text_bytes"]
             done = {str(f) for f in files[:position.file]}  # the partly read file's are counted again as it is read
             bad.counts.update({f: n for f, n in progress["bad_records"]["per_file"].items() if f in done})
             bad.first.update({f: m for f, m in progress["bad_records"]["first_per_file"].items() if f in done})
-            for saved in progress["writers"]:
-                writer(saved["source"], saved["split"]).restore(work, saved["state"])
+            shards.restore(progress["shards"])
             print(f"prepare: continuing {out} from its checkpoint ({position.file} of {len(files)} files done)",
                   file=sys.stderr)
 
-        def checkpoint():
-            for w in writers.values():
-                w.flush()
-            write_json(work / PROGRESS, {
-                "plan": plan, "position": vars(position), "text_bytes": text_bytes, "bad_records": bad.report(),
-                "writers": [{"source": s, "split": split, "state": w.state()} for (s, split), w in writers.items()]})
-
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
-        bar = tqdm(total=len(files), initial=position.file, desc="prepare", unit="file", dynamic_ncols=True,
-                   disable=None, mininterval=0.2 if sys.stderr.isatty() else 15)
-        with concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_start_worker,
-                                                    initargs=(str(tokenizer),)) as pool, _on_interrupt(out):
+        # Shown after 2 s (bad input found at once stays one line); in a log file, a line every 15 s.
+        bar = tqdm(total=len(files), initial=position.file, desc="prepare", unit="file", dynamic_ncols=True, delay=2,
+                   mininterval=0.2 if sys.stderr.isatty() else 15)
+        with (bar, _on_interrupt(out),
+              concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_start_worker,
+                                                     initargs=(str(tokenizer),)) as pool):
             pending: list = []  # (position after the chunk, its sources, the worker's future), in input order
             chunks = _chunks(_documents(files, position, sources, bad))
             while True:
@@ -275,26 +311,22 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
                     break
                 after, chunk_sources, future = pending.pop(0)
                 ids, lengths, val, chunk_bytes = future.result()
-                finished = _write_chunk(work, chunk_sources, ids, lengths, val, writer)
+                finished = shards.write_chunk(chunk_sources, ids, lengths, val)
                 text_bytes += chunk_bytes
                 bar.update(after.file - position.file)
                 position = after
                 seconds = time.perf_counter() - started
                 bar.set_postfix(MB=f"{text_bytes / 1e6:,.0f}", MB_s=f"{text_bytes / 1e6 / seconds:.1f}", refresh=False)
                 if finished:
-                    checkpoint()
-        bar.close()
-        for w in writers.values():
-            w.finish(work)
-        if not writers:
+                    write_json(work / PROGRESS, {"plan": plan, "position": vars(position), "text_bytes": text_bytes,
+                                                 "bad_records": bad.report(), "shards": shards.state()})
+        if not shards.writers:
             raise SPJError(f"{', '.join(map(str, data))}: no documents found"
                            + (f" ({bad.report()['total']} bad records skipped)" if bad.counts else ""))
         index = {"format": FORMAT, "tokenizer_sha256": tokenizer_hash, "dtype": dtype.name,
-                 "heldout": {"fraction": options.val_fraction, "rule": "blake2b-64 of the UTF-8 text < fraction·2⁶⁴"},
-                 "sources": {source: {split: {"documents": writers[source, split].documents,
-                                              "tokens": writers[source, split].tokens,
-                                              "shards": writers[source, split].shards}
-                                      for split in SPLITS if (source, split) in writers} for source in names}}
+                 "heldout": {"fraction": options.val_fraction,
+                             "rule": "blake2b-64 of the UTF-8 text < fraction·2⁶⁴"},
+                 "sources": shards.finish()}
         seconds = time.perf_counter() - started
         report = {"stage": "prepare", "data": [str(p) for p in data], "files": len(files), "text_bytes": text_bytes,
                   "seconds": round(seconds, 2), "mb_per_s": text_bytes / 1e6 / seconds if seconds else None,
@@ -302,9 +334,7 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
                   "peak_rss_mb": {"main": _peak_rss_mb(resource.RUSAGE_SELF),
                                   "workers": _peak_rss_mb(resource.RUSAGE_CHILDREN)}}
         with staged_dir(out) as tmp:
-            for w in writers.values():
-                for shard in w.shards:
-                    os.replace(work / shard["name"], tmp / shard["name"])
+            shards.move_to(tmp)
             save_tokenizer_files(text_tokenizer, tmp)
             write_json(tmp / INDEX, index)
             write_json(tmp / "report.json", report)
@@ -323,20 +353,6 @@ def _on_interrupt(out: Path) -> Iterator[None]:
         raise
 
 
-def _write_chunk(work: Path, chunk_sources: list[str], ids: np.ndarray, lengths: np.ndarray, val: np.ndarray,
-                 writer) -> bool:
-    """Append each run of documents of one source and split to its writer; True if a shard was finished."""
-    ends = np.cumsum(lengths)
-    finished, first = False, 0
-    for last in range(len(lengths)):
-        if last + 1 == len(lengths) or (chunk_sources[last + 1], val[last + 1]) != (chunk_sources[first], val[first]):
-            start = ends[first - 1] if first else 0
-            target = writer(chunk_sources[first], SPLITS[int(val[first])])
-            finished |= target.write(work, ids[start:ends[last]], last + 1 - first)
-            first = last + 1
-    return finished
-
-
 def _peak_rss_mb(who: int) -> float:
     return round(resource.getrusage(who).ru_maxrss / 1024, 1)  # Linux reports KiB
 
@@ -353,7 +369,7 @@ def _print_summary(out: Path, report: dict) -> None:
     print_summary(f"prepare: {out}", rows)
 
 
-# --- reading it back ----------------------------------------------------------------------------------------------------
+# --- reading it back --------------------------------------------------------------------------------------------------
 def load_prepared(directory: str | Path, tokenizer: TextTokenizer, block_size: int, weights: dict[str, float] | None,
                   eval_windows: int, val_stream: np.ndarray | None = None) -> Dataset:
     """The windows of a prepared directory, memory-mapped shard by shard, sampled by source in the proportions of

@@ -64,7 +64,8 @@ def read_corpus(paths: list, options: SourceOptions) -> tuple[list[str], dict]:
     bad = BadRecords(options.skip_bad_records)
     documents = [text for path in find_text_files(paths) for _, text in read_documents(path, options, bad)]
     if not documents:
-        raise SPJError(f"{', '.join(map(str, paths))}: no text found (all files are empty)")
+        skipped = f"; {bad.report()['total']} bad records skipped" if bad.counts else ""
+        raise SPJError(f"{', '.join(map(str, paths))}: no text found (all files are empty{skipped})")
     return documents, bad.report()
 
 
@@ -84,10 +85,12 @@ def _jsonl_documents(path: Path, options: SourceOptions, bad: BadRecords) -> Ite
             document = _document(record, path, where, options, bad)
             if document is not None:
                 yield document
-    except (OSError, EOFError, zlib.error, _zstd_error()) as e:
-        kind = "zstd" if path.name.endswith(".zst") else "gzip" if path.name.endswith(".gz") else "file"
+    except (EOFError, zlib.error, gzip.BadGzipFile, _zstd_error()) as e:
+        kind = "zstd" if path.name.endswith(".zst") else "gzip"
         after = f" after line {line_number}" if line_number else ""
         raise SPJError(f"{path}: damaged or truncated {kind} stream{after} ({_reason(e)})") from None
+    except OSError as e:
+        raise SPJError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
 def _lines(path: Path) -> Iterator[bytes]:

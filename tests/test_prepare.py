@@ -14,7 +14,7 @@ from spj_edge import prepare as prepare_module
 from spj_edge.checkpoint import load_model
 from spj_edge.data import MIXTURE_PERIOD, Mixture, split_documents, tokenize_documents
 from spj_edge.options import PrepareOptions, TrainOptions
-from spj_edge.prepare import prepare
+from spj_edge.prepare import Shards, prepare
 from spj_edge.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from spj_edge.train import Progress
 
@@ -96,25 +96,24 @@ def test_an_interrupted_prepare_continues_from_its_checkpoint(prepared, corpus, 
     out = tmp_path / "shards"
     options = PrepareOptions(workers=1, val_fraction=0.05, shard_tokens=20_000)
     monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 20_000)  # many chunks, so that it stops half-way
-    write_chunk, calls = prepare_module._write_chunk, []
+    write_chunk, calls = Shards.write_chunk, []
 
-    def killed_half_way(*args):
+    def killed_half_way(self, *args):
         """Killed at the worst moment: a chunk finished a shard and began the next, its checkpoint is not written."""
-        finished = write_chunk(*args)
+        finished = write_chunk(self, *args)
         calls.append(finished)
         if sum(calls) == 3:
             raise KeyboardInterrupt
         return finished
 
-    monkeypatch.setattr(prepare_module, "_write_chunk", killed_half_way)
+    monkeypatch.setattr(Shards, "write_chunk", killed_half_way)
     with pytest.raises(KeyboardInterrupt):
         prepare([corpus[0]], tokenizer, out, options)
     work = tmp_path / ".shards.prepare"
     checkpoint = json.loads((work / "progress.json").read_text())
     assert not out.exists() and checkpoint["position"]["document"] > 0
-    monkeypatch.setattr(prepare_module, "_write_chunk", write_chunk)
     written = []
-    monkeypatch.setattr(prepare_module, "_write_chunk", lambda *a: written.append(len(a[2])) or write_chunk(*a))
+    monkeypatch.setattr(Shards, "write_chunk", lambda self, *a: written.append(len(a[1])) or write_chunk(self, *a))
     prepare([corpus[0]], tokenizer, out, options)
     assert files_of(out) == files_of(prepared)
     assert not work.exists()
@@ -151,7 +150,8 @@ def test_training_from_shards_equals_training_from_the_same_text_in_memory(token
     the windows, the batches and the weights are the in-memory path's, bit for bit."""
     text = SHAKESPEARE / "val.txt"
     shards = tmp_path / "shards"
-    assert cli("prepare", "--data", text, "--tokenizer", tokenizer, "--out", shards, "--val-fraction", "0").returncode == 0
+    result = cli("prepare", "--data", text, "--tokenizer", tokenizer, "--out", shards, "--val-fraction", "0")
+    assert result.returncode == 0, result.stderr
     common = [*TRAIN, "--tokenizer", tokenizer, "--val-data", UD / "en_ewt_test.txt"]
     memory, mapped = tmp_path / "memory", tmp_path / "mapped"
     assert cli("train", *common, "--data", text, "--out", memory).returncode == 0

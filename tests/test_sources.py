@@ -94,7 +94,8 @@ def truncated_zst(path):
 BAD = {
     "not JSON": ("bad.jsonl", lambda p: p.write_text(GOOD * 2 + '{"text": "cut off\n'),
                  "bad.jsonl: line 3: not JSON"),
-    "no field": ("bad.jsonl", lambda p: p.write_text(GOOD + '{"content": "x"}\n'), "bad.jsonl: line 2: no 'text' field"),
+    "no field": ("bad.jsonl", lambda p: p.write_text(GOOD + '{"content": "x"}\n'),
+                 "bad.jsonl: line 2: no 'text' field"),
     "number": ("bad.jsonl", lambda p: p.write_text(GOOD + '{"text": 42}\n'),
                "bad.jsonl: line 2: 'text' is a number, expected a string"),
     "array": ("bad.jsonl", lambda p: p.write_text('["text"]\n'), "bad.jsonl: line 1: an array, expected an object"),
