@@ -3,13 +3,18 @@ for any --workers, a resumed prepare equals an uninterrupted one, training from 
 text in memory and resumes exactly, --weights sets the sources' shares, and a shard of another tokenizer is refused."""
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import zstandard
 
-from conftest import SHAKESPEARE, UD, assert_one_line_error, cli
+from conftest import REPO, SHAKESPEARE, UD, assert_one_line_error, cli, run_cli
 from spj_edge import prepare as prepare_module
 from spj_edge.checkpoint import load_model
 from spj_edge.data import MIXTURE_PERIOD, Mixture, split_documents, tokenize_documents
@@ -248,3 +253,26 @@ def test_distill_reads_shards_of_the_teachers_tokenizer_only(prepared, tmp_path)
     result = cli("distill", "--teacher", other, "--preset", "nano", "--data", prepared, *TRAIN[2:],
                  "--out", tmp_path / "refused")
     assert_one_line_error(result, f"{prepared}: prepared with another tokenizer than {other / 'tokenizer.json'}")
+
+
+@pytest.mark.slow
+def test_sigkill_then_the_same_command_gives_the_uninterrupted_shards(corpus, tokenizer, tmp_path):
+    """A real SIGKILL at whatever point it lands after the first checkpoint; the files are the OS's, not a mock's."""
+    records = corpus[1] * 12  # about 12 MB of text: three 4 MB chunks for the worker, a few seconds of work
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    (tmp_path / "big.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines))
+    args = ["prepare", "--data", tmp_path / "big.jsonl.zst", "--tokenizer", tokenizer, "--shard-tokens", "50000"]
+    assert run_cli(*args, "--out", tmp_path / "reference").returncode == 0
+    out, progress = tmp_path / "killed", tmp_path / ".killed.prepare" / "progress.json"
+    process = subprocess.Popen([sys.executable, "-m", "spj_edge.cli", *map(str, args), "--out", str(out)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not progress.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and its worker processes, as a machine's crash would
+    process.wait()
+    assert progress.exists() and not out.exists(), "killed after a checkpoint, before the end"
+    resumed = run_cli(*args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing" in resumed.stderr
+    assert files_of(out) == files_of(tmp_path / "reference")
