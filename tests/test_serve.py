@@ -291,6 +291,30 @@ def test_bad_flags_are_one_line_errors(package, tmp_path):
 
 
 # --- many at once ------------------------------------------------------------------------------------------------------
+def test_eight_streams_at_once_join_and_leave_the_batch_and_get_their_own_text(client, generator):
+    """Different prompts, lengths and samplers, all sent at once: rows of different lengths share the batch, and
+    leave it at different steps."""
+    requests = [dict(prompt=f"{PROMPTS[i % 4]} {i}", max_tokens=6 + 9 * i,
+                     **(GREEDY if i % 2 else dict(temperature=1.0, seed=i))) for i in range(8)]
+    expected = [generator.generate(r["prompt"], max_new_tokens=r["max_tokens"], ignore_eos=True,
+                                   **{k: v for k, v in r.items() if k not in ("prompt", "max_tokens")})
+                for r in requests]
+    texts = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def ask(i):
+        barrier.wait()
+        stream = client.completions.create(model="nano", stream=True, extra_body={"ignore_eos": True}, **requests[i])
+        texts[i] = "".join(chunk.choices[0].text for chunk in stream)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert texts == expected
+
+
 def test_a_hundred_requests_at_once_beyond_the_queue_get_429_and_the_rest_their_text(package, generator, tmp_path):
     running = start_server(package, tmp_path, "--max-batch", "2", "--max-queue", "8", "--api-key", KEY)
     try:

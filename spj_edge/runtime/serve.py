@@ -153,14 +153,14 @@ def _prompt_ids(generator: Generator, encode: Callable[[int], list[int]], field:
 def _job(generator: Generator, prompt: list[int], fields: dict) -> Job:
     if fields.get("n", 1) != 1:
         raise ApiError(400, f"n must be 1 (one choice a request), got {fields['n']}", "n")
-    name = "max_completion_tokens" if "max_completion_tokens" in fields else "max_tokens"
+    limit = "max_completion_tokens" if "max_completion_tokens" in fields else "max_tokens"
     room = generator.context - len(prompt)
-    if name in fields and not 1 <= fields[name] <= room:
-        raise ApiError(400, f"{name} must be in [1, {room}] (the model's context of {generator.context} tokens less "
-                            f"the prompt's {len(prompt)}), got {fields[name]}", name)
+    if limit in fields and not 1 <= fields[limit] <= room:
+        raise ApiError(400, f"{limit} must be in [1, {room}] (the model's context of {generator.context} tokens less "
+                            f"the prompt's {len(prompt)}), got {fields[limit]}", limit)
     stream_options = _checked(fields.get("stream_options", {}), {"include_usage": bool})
     sampling = {option: fields[option] for option in SAMPLING if option in fields}
-    return Job(prompt, {**sampling, "max_new_tokens": fields.get(name), "ignore_eos": fields.get("ignore_eos", False)},
+    return Job(prompt, {**sampling, "max_new_tokens": fields.get(limit), "ignore_eos": fields.get("ignore_eos", False)},
                _stops(fields.get("stop")), fields.get("stream", False), stream_options.get("include_usage", False))
 
 
@@ -211,7 +211,8 @@ def _stop_start(text: str, stops: list[str]) -> int:
 @dataclass(frozen=True)
 class Endpoint:
     job: Callable[[Generator, dict], Job]
-    object: str  # the reply's "object"; a streamed chunk's is CHUNK_OBJECT of it
+    object: str  # the reply's "object"
+    chunk_object: str  # a streamed chunk's
     id_prefix: str
     choice: Callable[[str, str], dict]  # the whole reply's choice: its text and finish_reason
     delta: Callable[[str | None, str | None], dict]  # a streamed chunk's choice: a piece, or the finish_reason
@@ -232,9 +233,9 @@ def _chat_delta(text: str | None, finish_reason: str | None) -> dict:
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-COMPLETIONS = Endpoint(completion_job, "text_completion", "cmpl-", _completion_choice, _completion_choice)
-CHAT = Endpoint(chat_job, "chat.completion", "chatcmpl-", _chat_choice, _chat_delta)
-CHUNK_OBJECT = {"text_completion": "text_completion", "chat.completion": "chat.completion.chunk"}
+COMPLETIONS = Endpoint(completion_job, "text_completion", "text_completion", "cmpl-", _completion_choice,
+                       _completion_choice)
+CHAT = Endpoint(chat_job, "chat.completion", "chat.completion.chunk", "chatcmpl-", _chat_choice, _chat_delta)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -324,7 +325,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        chunk = {**head, "object": CHUNK_OBJECT[endpoint.object]}
+        chunk = {**head, "object": endpoint.chunk_object}
         try:
             try:
                 if endpoint is CHAT:
