@@ -195,9 +195,9 @@ def _native_stderr_silenced():
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
-        from . import serve
+        from .serve import main as serve_http
 
-        return serve.main(argv[1:])
+        return serve_http(argv[1:])
     args = build_parser().parse_args(argv)
 
     def run():
