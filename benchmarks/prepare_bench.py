@@ -91,6 +91,27 @@ def two_nodes(data: Path, out: Path, steps: int) -> float:
     return json.loads((out / "report.json").read_text())["tokens_per_s"]
 
 
+def batch_seconds(corpus: Path, shards: Path, batches: int = 300) -> dict:
+    """Seconds per training batch (8 windows of the student's 257 tokens) taken from the shards and from the same
+    corpus in memory, in this process: the whole of what the data path adds to a step, measured without the
+    model's compute, whose noise on a shared machine is larger than the 3 % to be resolved."""
+    import time
+
+    from spj_edge.options import TrainOptions
+    from spj_edge.tokenizer import load_tokenizer
+    from spj_edge.train import load_dataset
+
+    tokenizer, opts = load_tokenizer(TOKENIZER), TrainOptions(eval_windows=8)
+    timings = {}
+    for name, data in (("in_memory", corpus), ("shards", shards)):
+        dataset = load_dataset([data], tokenizer, 256, opts)
+        started = time.perf_counter()
+        for step in range(batches):
+            dataset.train_batch(opts.seed, step * 8, 8)
+        timings[name] = (time.perf_counter() - started) / batches
+    return timings
+
+
 def main() -> None:
     global TOKENIZER
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -136,6 +157,11 @@ def main() -> None:
     ratio = statistics.median(t for t, _ in mapped) / statistics.median(t for t, _ in memory)
     figures["shards_over_in_memory"] = round(ratio, 4)
     print(f"train: shards / in-memory tokens/s = {ratio:.3f}", flush=True)
+    figures["batch_seconds"] = batch_seconds(corpora[10], small)
+    step_seconds = 8 * 256 / statistics.median(t for t, _ in mapped)
+    figures["data_share_of_a_step"] = {k: v / step_seconds for k, v in figures["batch_seconds"].items()}
+    print(f"train: seconds per batch from the data path {figures['batch_seconds']}, of a step of "
+          f"{step_seconds:.2f} s", flush=True)
 
     # peak memory of training from shards as the corpus grows
     large = work / "shards-large"
