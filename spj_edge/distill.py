@@ -129,7 +129,7 @@ def distill(teacher_dir: str | Path, out: str | Path | None, *, preset: str | Pa
         if changed:
             raise SPJError(f"{out}: cannot resume with different settings ({', '.join(changed)} changed)")
 
-    documents, bad_records = read_training_text(data, sources)
+    documents, bad_records = read_training_text(data, sources, procs)
     dataset = load_dataset(data, tokenizer, student_cfg.max_position_embeddings, opts, val_data, sources, documents)
     teacher.to(procs.device)
     report_extra = {"data": [str(p) for p in data], "val_data": [str(p) for p in val_data or []],

@@ -445,13 +445,14 @@ def load_dataset(data: list, tokenizer: Tokenizer, block_size: int, opts: TrainO
                          val_stream, source=", ".join(map(str, data)))
 
 
-def read_training_text(data: list, sources: SourceOptions) -> tuple[list[str] | None, dict | None]:
+def read_training_text(data: list, sources: SourceOptions,
+                       procs: Processes) -> tuple[list[str] | None, dict | None]:
     """The documents to tokenize in memory and the bad records skipped, or (None, None) for a prepared directory
     (its report has them)."""
     if prepared_directory(data) is not None:
         return None, None
     documents, bad = read_corpus(data, sources)
-    if bad["total"]:
+    if bad["total"] and procs.main:
         print(f"spj-edge: warning: skipped {bad['total']:,} bad records (first: "
               f"{next(iter(bad['first_per_file'].values()))})", file=sys.stderr)
     return documents, bad
@@ -480,7 +481,7 @@ def train(config: SPJConfig, data: list, out: str | Path | None, opts: TrainOpti
     elif tokenizer is None and (directory := prepared_directory(data)) is not None:
         tokenizer = directory / "tokenizer.json"  # the one it was prepared with
     procs.barrier()  # every rank has looked at `out` before rank 0 may write it
-    documents, bad_records = read_training_text(data, sources)
+    documents, bad_records = read_training_text(data, sources, procs)
     if isinstance(tokenizer, Tokenizer):
         check_matches_model(tokenizer, config.vocab_size, "tokenizer")
     else:

@@ -172,3 +172,18 @@ def test_only_bad_records_is_never_an_empty_corpus(tmp_path, nano_tokenizer):
 def test_field_flags_are_checked():
     with pytest.raises(SPJError, match="--text-field must name a field"):
         SourceOptions(text_field="meta.")
+
+
+def test_train_reads_json_lines_in_memory_and_skips_bad_records_when_asked(tmp_path, records, nano_tokenizer):
+    lines = jsonl(records).decode().splitlines(keepends=True)
+    lines[10] = '{"text": 3}\n'
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress("".join(lines).encode()))
+    args = ["train", "--preset", "nano", "--data", tmp_path / "c.jsonl.gz", "--tokenizer", nano_tokenizer,
+            "--steps", "2", "--batch-size", "4", "--precision", "fp32"]
+    assert_one_line_error(cli(*args, "--out", tmp_path / "refused"),
+                          "c.jsonl.gz: line 11: 'text' is a number, expected a string")
+    result = cli(*args, "--out", tmp_path / "run", "--skip-bad-records")
+    assert result.returncode == 0, result.stderr
+    assert "warning: skipped 1 bad records (first: " in result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["bad_records"]["total"] == 1 and report["tokens_seen"] == {"data": 2 * 4 * 128}
