@@ -133,9 +133,20 @@ class ExportArtifact:
     def graph(self) -> bytes:
         return _read_graph(self.graph_path)
 
+    @property
+    def weights_path(self) -> Path:
+        """Where the weights are when the graph keeps them beside it (ONNX external data)."""
+        return self.path / f"{GRAPH}.data"
+
     @cached_property
     def proto(self) -> onnx.ModelProto:
-        return parse_onnx(self.graph if "graph" in self.__dict__ else _read_graph(self.graph_path), self.graph_path)
+        """The graph with its weights, wherever they are kept."""
+        from onnx.external_data_helper import load_external_data_for_model
+
+        proto = parse_onnx(self.graph if "graph" in self.__dict__ else _read_graph(self.graph_path), self.graph_path)
+        if self.weights_path.is_file():
+            load_external_data_for_model(proto, str(self.path))
+        return proto
 
     def forget_graph(self) -> None:
         """Let go of the graph's bytes and parse (a real model's weights, twice); they are read again if asked for."""
@@ -170,7 +181,8 @@ class ExportArtifact:
 
     @property
     def file_bytes(self) -> int:
-        return self.graph_path.stat().st_size
+        weights = self.weights_path
+        return self.graph_path.stat().st_size + (weights.stat().st_size if weights.is_file() else 0)
 
     def check_contract(self, input_names: list[str]) -> None:
         """Refuse a graph whose inputs are not the ONNX contract's for this config: a foreign model, or another's."""

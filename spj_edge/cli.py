@@ -63,7 +63,8 @@ def cmd_import(args):
 def cmd_export(args):
     from .export import export
 
-    export(args.model, args.out, opset=args.opset, fuse=args.fuse, overwrite=args.overwrite)
+    export(args.model, args.out, opset=args.opset, fuse=args.fuse, overwrite=args.overwrite,
+           external_data=args.external_data)
 
 
 def cmd_quantize(args):
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ONNX opset: 14-21 for the fused graph, 14-20 for the plain one (default %(default)s)")
     p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                    help="emit ONNX Runtime's fused ops (the default); --no-fuse traces a plain standard-ops graph")
+    p.add_argument("--external-data", action=argparse.BooleanOptionalAction, default=None,
+                   help="the weights in model.onnx.data beside the graph (default: when the graph passes 1 GiB; "
+                        "protobuf cannot hold 2 GiB in one file)")
     p.add_argument("--out", default="runs/onnx")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_export)

@@ -187,7 +187,7 @@ PRESET_DIRS = (Path(__file__).parent / "presets", Path(__file__).parent.parent /
 def load_preset(name_or_path: str | Path) -> SPJConfig:
     """A preset by name (`student`) or by path (`models/student.json`)."""
     path = Path(name_or_path)
-    if not path.suffix:
+    if path.suffix != ".json":  # a name, dots and all (tinyllama-1.1b)
         path = next((d / f"{name_or_path}.json" for d in PRESET_DIRS if (d / f"{name_or_path}.json").is_file()), path)
     if not path.is_file():
         names = sorted({p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.json")})

@@ -71,7 +71,7 @@ class ExportScorer:
 
         self.artifact, self.tokenizer = export, export.tokenizer
         try:
-            self.lm = OnnxLM(export.graph, export.config)
+            self.lm = OnnxLM(export.graph_path, export.config)  # by path: weights kept beside it are found
         except Exception as e:  # onnxruntime's own exception types, multi-line
             raise SPJError(f"{export.graph_path}: onnxruntime cannot load it ({str(e).splitlines()[0][:160]})") \
                 from None

@@ -29,7 +29,7 @@ from .errors import SPJError
 from .generate import generate_ids
 from .model import Transformer, positions_from_mask
 from .onnx_lm import OnnxLM
-from .outputs import check_output, staged_dir, write_json
+from .outputs import check_output, staged_dir, write_json, write_onnx
 from .tables import print_summary
 from .sampling import Sampler, SamplingParams
 from .tokenizer import save_tokenizer_files
@@ -146,13 +146,13 @@ def logit_tolerance(config, reference: np.ndarray, attended: int) -> float:
     return 2 * longest_sum * UNIT_ROUNDOFF * max(1.0, float(np.abs(reference).max()))
 
 
-def verify(proto: onnx.ModelProto, model: Transformer, prompt_ids: list[int], long_prompt_ids: list[int] = (),
+def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_ids: list[int] = (),
            decode_steps: int = 32, continuation: int = 64) -> dict:
     """Max |logit difference| vs PyTorch at prefill, over cached decode steps, for a left-padded batch of 2 and over
     a long prefill (`long_prompt_ids`, if given), each against its logit_tolerance, and whether a greedy continuation
     is token-identical. Raises SPJError naming the check that failed."""
     cfg = model.config
-    onnx_lm = OnnxLM(proto.SerializeToString(), cfg)
+    onnx_lm = OnnxLM(Path(graph), cfg)
     room = cfg.max_position_embeddings - len(prompt_ids)
     decode_steps, continuation = min(decode_steps, room), min(continuation, room)
     report, tolerances = {}, {}
@@ -234,7 +234,9 @@ def verification_prompt(tokenizer, config, text: str = PROMPT_TEXT, length: int 
 
 # --- the stage ------------------------------------------------------------------------------------------------------
 def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse: bool = True,
-           overwrite: bool = False) -> dict:
+           overwrite: bool = False, external_data: bool | None = None) -> dict:
+    """`external_data`: the weights in model.onnx.data beside the graph (None: when the graph passes
+    outputs.INLINE_MAX_BYTES; protobuf cannot hold 2 GiB in one file)."""
     if fuse:
         from .onnx_fused import FUSED_OPSETS, build_fused_model
     opsets = FUSED_OPSETS if fuse else PLAIN_OPSETS
@@ -257,28 +259,32 @@ def export(model_dir: str | Path | None, out: str | Path, opset: int = 17, fuse:
                        "spj.source_sha256": source_sha}.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name, proto.producer_version = "spj-edge", __version__
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:
-        raise SPJError(f"export check failed: onnx.checker rejects the graph ({str(e).splitlines()[0]})") from None
-    checks = verify(proto, model, verification_prompt(tokenizer, model.config),
-                    verification_prompt(tokenizer, model.config, LONG_TEXT, LONG_PREFILL))
-
-    data = proto.SerializeToString()
-    report = {
-        "stage": "export", "source": str(model_dir), "source_sha256": source_sha, "opset": opset,
-        "graph": "fused" if fuse else "plain", "nodes": len(proto.graph.node), "file_bytes": len(data),
-        "parameters": model.config.num_parameters(), "export_s": round(export_s, 2),
-        "checks": checks, "onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
-    }
+    nodes = len(proto.graph.node)
     with staged_dir(out) as tmp:
-        (tmp / "model.onnx").write_bytes(data)
+        graph = tmp / "model.onnx"
+        write_onnx(proto, graph, external_data)
+        del proto  # written: the weights are in the file (and the checks read them from there)
+        try:
+            onnx.checker.check_model(str(graph))  # by path: a graph with its weights beside it, of any size
+        except onnx.checker.ValidationError as e:
+            raise SPJError(f"export check failed: onnx.checker rejects the graph ({str(e).splitlines()[0]})") from None
+        checks = verify(graph, model, verification_prompt(tokenizer, model.config),
+                        verification_prompt(tokenizer, model.config, LONG_TEXT, LONG_PREFILL))
+        file_bytes = sum(f.stat().st_size for f in tmp.glob("model.onnx*"))
+        report = {
+            "stage": "export", "source": str(model_dir), "source_sha256": source_sha, "opset": opset,
+            "graph": "fused" if fuse else "plain", "nodes": nodes, "file_bytes": file_bytes,
+            "external_data": (tmp / "model.onnx.data").is_file(),
+            "parameters": model.config.num_parameters(), "export_s": round(export_s, 2),
+            "checks": checks, "onnxruntime": ort.__version__, "onnx": onnx.__version__, "torch": torch.__version__,
+        }
         save_tokenizer_files(tokenizer, tmp)
         write_json(tmp / "config.json", config_json)
         write_json(tmp / "report.json", report)
     print_summary(f"export: {model_dir} → {out / 'model.onnx'}", [
         ("graph", report["graph"]), ("opset", opset), ("nodes", report["nodes"]),
-        ("file", f"{len(data) / 1e6:.2f} MB"), ("prefill max |Δlogit|", f"{checks['prefill_max_abs_diff']:.1e}"),
+        ("file", f"{file_bytes / 1e6:.2f} MB" + (" (weights in model.onnx.data)" if report["external_data"] else "")),
+        ("prefill max |Δlogit|", f"{checks['prefill_max_abs_diff']:.1e}"),
         ("decode max |Δlogit|", f"{checks['decode_max_abs_diff']:.1e} over {checks['decode_steps']} steps"),
         ("left-padded batch", f"{checks['left_padded_batch_max_abs_diff']:.1e}"),
         ("long prefill", f"{checks['long_prefill_max_abs_diff']:.1e} over {checks['long_prefill_tokens']} tokens "

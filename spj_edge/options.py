@@ -193,6 +193,8 @@ class QuantizeOptions:
     block_size: int = flag(32, "int4: weights per scale (default %(default)s)")
     accuracy_level: int = flag(4, "int4: MatMulNBits compute type (4: int8)")
     force: bool = flag(False, "write a model that fails the gate, with a warning")
+    external_data: bool | None = flag(None, "the weights in model.onnx.data beside the graph (default: when the graph "
+                                            "passes 1 GiB)", action=argparse.BooleanOptionalAction)
     eval_windows: int = 24  # held-out windows of the gate
     measure: bool = True  # time float32 against the result
     # For experiments: anything but MatMul-only quantizes the attention path too and fails the gate; None: every type

@@ -165,7 +165,7 @@ def write_onnx(proto, path: str | os.PathLike, external_data: bool | None = None
 
     path = Path(path)
     if external_data is None:
-        external_data = proto.ByteSize() > INLINE_MAX_BYTES
+        external_data = sum(len(t.raw_data) for t in proto.graph.initializer) > INLINE_MAX_BYTES  # ByteSize stops at 2 GiB
     if not external_data:
         onnx.save_model(proto, str(path))
         return

@@ -114,7 +114,7 @@ def file_entry(path: Path) -> dict:
 
 def source_generator(export, manifest: dict, tokenizer_json: bytes) -> Generator:
     """The export's own graph (every position's logits), loaded by the runtime as the package is, for the check."""
-    weights = export.path / WEIGHTS
+    weights = export.weights_path
     external = weights.is_file()
     return Generator(Package(export.path, {**manifest, "logits": "all"}, {MODEL: export.graph, TOKENIZER: tokenizer_json},
                              export.path if external else None, weights.stat().st_size if external else None))

@@ -46,7 +46,7 @@ from .errors import SPJError
 from .metrics import SCORED_WINDOW, Figures, figures, top1_agreement
 from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, QuantizeOptions
 from .onnx_lm import OnnxLM, measure_speed
-from .outputs import check_output, scratch_dir, staged_dir, write_json
+from .outputs import check_output, scratch_dir, staged_dir, write_json, write_onnx
 from .tables import print_summary
 from .tokenizer import save_tokenizer_files, token_byte_lengths
 
@@ -454,7 +454,7 @@ def quantize(model_dir: str | Path = "runs/onnx", out: str | Path | None = None,
         report = build_report(model_dir, float_model, recipe, len(calib_set), outcome, executed, speed, len(eval_set),
                               time.perf_counter() - started)
         with staged_dir(out) as staged:
-            (staged / "model.onnx").write_bytes(candidate.read_bytes())
+            write_onnx(onnx.load(str(candidate)), staged / "model.onnx", options.external_data)
             save_tokenizer_files(float_model.tokenizer, staged)
             write_json(staged / "config.json", float_model.config.to_hf_dict())
             write_json(staged / "report.json", report)
@@ -524,7 +524,7 @@ def float_reference(float_model: ExportArtifact, recipe: Recipe, tmp: Path) -> O
     if inputs:
         outputs.extend(onnx.ValueInfoProto(name=t) for t in inputs)
         path = tmp / "float_with_statistics.onnx"
-        onnx.save(float_model.proto, str(path))
+        write_onnx(float_model.proto, path)  # past 1 GiB its weights go beside it, so the parse is forgotten next
         del outputs[contract_outputs:]
     return OnnxLM(path, float_model.config)
 

@@ -99,13 +99,13 @@ def test_the_tolerance_grows_with_the_logits_and_the_sequence(nano_checkpoint):
     assert 1e-3 < logit_tolerance(smollm, large, 256) < 1e-2
 
 
-def test_a_wrong_graph_fails_verification(nano_checkpoint):
+def test_a_wrong_graph_fails_verification(nano_checkpoint, tmp_path):
     model, tokenizer = load_checkpoint(nano_checkpoint)
-    proto = export_plain(model, 17)
+    onnx.save(export_plain(model, 17), tmp_path / "model.onnx")
     with torch.no_grad():
         model.layers[1].mlp.down_proj.weight.mul_(1.01)  # PyTorch now differs from the graph by a hair
     with pytest.raises(SPJError, match="export check failed: prefill logits differ from PyTorch by"):
-        verify(proto, model, [1, 20, 30, 40])
+        verify(tmp_path / "model.onnx", model, [1, 20, 30, 40])
 
 
 def test_a_hugging_face_llama_checkpoint_exports_and_matches_transformers(tmp_path, nano_checkpoint):

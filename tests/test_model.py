@@ -107,6 +107,18 @@ def test_small_preset_has_the_benchmark_shape():
     assert c.num_parameters() == sum(p.numel() for p in Transformer(c).parameters())
 
 
+def test_tinyllama_preset_has_tinyllamas_shape():
+    """Its name has a dot, which is not a file suffix; its size is TinyLlama-1.1B's, counted by transformers on the
+    meta device (no memory)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = load_preset("tinyllama-1.1b")
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in c.to_hf_dict().items() if k != "architectures"}))
+    assert c.num_parameters() == sum(p.numel() for p in hf.parameters()) == 1_100_048_384
+    assert not c.tie_word_embeddings and c.head_dim == 64
+
+
 @pytest.mark.parametrize("scaling", [
     None,
     {"rope_type": "linear", "factor": 4.0},

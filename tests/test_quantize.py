@@ -75,7 +75,10 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
 def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
     report = quantize(exports["fused"], tmp_path / mode, calib=CALIB,
                       options=QuantizeOptions(mode=mode, measure=False, **options))
-    assert report["gate"]["passed"] and report["gate"]["top1_agreement"] >= 0.95
+    # Where float32 is confident, the same top token; overall, the near-ties of a 60-step nano may flip either way,
+    # so the whole distribution is held to KL instead (a broken kernel or scale costs tenths of a nat).
+    gate = report["gate"]
+    assert gate["passed"] and gate["top1_agreement_confident"] >= 0.95 and gate["kl"] < 0.01
     assert report["executed"]["integer_ops"].get(kernel, 0) >= 1
     kept = [n for n in report["excluded"] if n.startswith("/")]
     assert sorted(kept) == sorted(report["executed"]["float_weight_matmuls"])
