@@ -173,6 +173,7 @@ def write_onnx(proto, path: str | os.PathLike, external_data: bool | None = None
     data.unlink(missing_ok=True)  # onnx appends to it
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=1024)
+    data.chmod(path.stat().st_mode & 0o777)  # onnx creates it private; a service user reads a package's files
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .artifact import read_json
-from .data import MIXTURE_PERIOD, Dataset, Mixture, Windows, find_text_files, tokenizer_sha256, windows
+from .data import Dataset, Mixture, Windows, find_text_files, tokenizer_sha256, windows
 from .errors import SPJError
 from .options import PrepareOptions, SourceOptions
 from .outputs import check_output, staged_dir, write_json
@@ -418,12 +418,8 @@ def load_prepared(directory: str | Path, tokenizer: TextTokenizer, block_size: i
     if not len(val):
         raise SPJError(f"{directory}: no held-out window of {block_size + 1} tokens; prepare with a larger "
                        "--val-fraction, or give --val-data")
-    mixture = Mixture.of(list(sampled.values()))
-    if (never := [name for name, places in zip(sampled, mixture.per_period) if not places]):
-        raise SPJError(f"--weights: {never[0]!r} would never be sampled (a share under 1/{MIXTURE_PERIOD}); "
-                       "give it more weight, or leave it out")
     digest = hashlib.sha256((directory / INDEX).read_bytes())
     digest.update(json.dumps([block_size, sampled]).encode())
     digest.update(val.tobytes())
     return Dataset(sources={name: train[name] for name in sampled}, val=val, fingerprint=digest.hexdigest(),
-                   mixture=mixture)
+                   mixture=Mixture.of(list(sampled.values())))

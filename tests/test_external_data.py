@@ -29,6 +29,7 @@ def graph_files(directory) -> list[str]:
 def test_export_keeps_the_weights_beside_the_graph(external, nano_export):
     out = external / "onnx"
     assert graph_files(out) == ["model.onnx", "model.onnx.data"]
+    assert (out / "model.onnx.data").stat().st_mode & 0o777 == (out / "model.onnx").stat().st_mode & 0o777
     report = json.loads((out / "report.json").read_text())
     assert report["external_data"] and report["checks"]["greedy_identical"]
     graph_only = onnx.load(out / "model.onnx", load_external_data=False)

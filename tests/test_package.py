@@ -59,6 +59,8 @@ def test_files_and_manifest(exported, graph_kind, packaged):
     for name, entry in manifest["files"].items():
         data = (out / name).read_bytes()
         assert entry == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        # readable by whoever may read the graph (a service user): onnx creates the weights file private
+        assert (out / name).stat().st_mode & 0o777 == (out / "tokenizer.json").stat().st_mode & 0o777
     assert (out / "tokenizer.json").read_bytes() == (exported / "tokenizer.json").read_bytes()
     assert manifest["logits"] == "last"
     assert manifest["checks"]["package"] == {"greedy_tokens": 32, "greedy_identical": True}
