@@ -1,6 +1,11 @@
 """The tables a command prints on stderr: every stage's closing summary, eval's and bench's figures, the demo's."""
 from __future__ import annotations
 
+# At import, not at the first table: a stage of a runtime-only install (which has no rich) must stop before it writes
+# anything, not after.
+from rich.console import Console
+from rich.table import Table
+
 
 def print_summary(title: str, rows: list[tuple[str, object]]) -> None:
     """The short table every long-running stage ends with."""
@@ -9,9 +14,6 @@ def print_summary(title: str, rows: list[tuple[str, object]]) -> None:
 
 def print_table(title: str, header: list[str] | None, rows: list[tuple]) -> None:
     """A table on stderr (stdout stays for what a command produces); floats to 4 significant digits, None as "-"."""
-    from rich.console import Console
-    from rich.table import Table
-
     def cell(value) -> str:
         return "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 

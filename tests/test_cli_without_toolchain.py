@@ -9,7 +9,7 @@ from conftest import REPO, SHAKESPEARE, assert_one_line_error
 
 # What the base install leaves out (tqdm does come: tokenizers needs huggingface_hub, which needs tqdm).
 ABSENT = ("torch", "transformers", "onnx", "onnx_ir", "safetensors", "rich", "sacrebleu", "rouge_score", "nltk",
-          "matplotlib")
+          "matplotlib", "zstandard", "pyarrow")
 # Absent as an uninstalled package is: a ModuleNotFoundError naming it, at import.
 ABSENT_SITE = f"""
 import sys
@@ -51,6 +51,7 @@ def test_help_works_without_the_toolchain(tmp_path):
     ["quantize", "--model", "runs/x"],
     ["generate", "--model", "runs/x", "--prompt", "Hi"],
     ["demo", "--quick"],
+    ["prepare", "--data", SHAKESPEARE / "val.txt", "--tokenizer", "tokenizer.json", "--out", "shards"],
 ])
 def test_a_verb_that_needs_the_toolchain_names_the_extra(tmp_path, args):
     result = spj_edge(tmp_path, *args)
