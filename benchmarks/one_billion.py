@@ -1,5 +1,5 @@
 """The whole path at the 1B size: a random-weight `tinyllama-1.1b` checkpoint → export → quantize (dynamic and static
-int8, int4) → package → the runtime, each stage a process of its own under /usr/bin/time (wall time, peak RSS).
+int8, int4) → package → the runtime (its memory after load; `spj-edge bench` at 1 and 2 threads), each stage a process of its own under /usr/bin/time (wall time, peak RSS).
 
     .venv/bin/python benchmarks/one_billion.py --work /tmp/1b [--stages checkpoint export ...]
 
@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "corpus"
 TEXT = [DATA / "tinyshakespeare" / "val.txt", DATA / "ud" / "en_ewt_dev.txt"]
 SPJ = [sys.executable, "-m", "spj_edge.cli"]
+PACKAGES = ("fp32", "dynamic", "static", "int4")
 
 CHECKPOINT = """
 import sys, torch
@@ -50,10 +51,13 @@ def stages(work: Path) -> dict[str, list]:
         "quantize-static": [*SPJ, "quantize", "--model", work / "fp32", "--out", work / "static", *gate],
         "quantize-int4": [*SPJ, "quantize", "--model", work / "fp32", "--out", work / "int4", "--mode", "int4", *gate],
         **{f"package-{kind}": [*SPJ, "package", "--model", work / kind, "--out", work / f"{kind}.spj"]
-           for kind in ("fp32", "dynamic", "static", "int4")},
+           for kind in PACKAGES},
         "runtime-memory": [sys.executable, REPO / "benchmarks" / "runtime_memory.py",
-                           *(work / f"{kind}.spj" for kind in ("fp32", "dynamic", "static", "int4")),
+                           *(work / f"{kind}.spj" for kind in PACKAGES),
                            "--json", work / "runtime_memory.json"],
+        **{f"bench-{threads}": [*SPJ, "bench", "--model", *(work / f"{kind}.spj" for kind in PACKAGES),
+                                "--threads", str(threads), "--new-tokens", "32", "--repetitions", "3",
+                                "--json", work / f"bench-{threads}.json"] for threads in (1, 2)},
     }
 
 
