@@ -1,5 +1,6 @@
 """The whole path at the 1B size: a random-weight `tinyllama-1.1b` checkpoint → export → quantize (dynamic and static
-int8, int4) → package → the runtime (its memory after load; `spj-edge bench` at 1 and 2 threads), each stage a process of its own under /usr/bin/time (wall time, peak RSS).
+int8, int4) → package → the runtime (its memory after load; `spj-edge bench` at 1 and 2 threads), each stage a
+process of its own under /usr/bin/time (wall time, peak RSS).
 
     .venv/bin/python benchmarks/one_billion.py --work /tmp/1b [--stages checkpoint export ...]
 
@@ -65,7 +66,8 @@ def timed(command: list) -> dict:
     started = time.perf_counter()
     done = subprocess.run(["/usr/bin/time", "-v", *map(str, command)], capture_output=True, text=True, cwd=REPO)
     peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    said = done.stderr.split("\tCommand being timed:")[0].strip().splitlines()  # the command's own, then time's
+    said = [line for line in done.stderr.split("\tCommand being timed:")[0].strip().splitlines()  # the command's own
+            if not line.startswith("Command exited with")]  # time's
     return {"wall_s": round(time.perf_counter() - started, 1), "peak_rss_gb": peak and int(peak[1]) / 2**20,
             "returncode": done.returncode, "error": None if done.returncode == 0 else (said or ["?"])[-1][:300]}
 

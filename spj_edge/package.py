@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -34,7 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import __version__, contract
-from .artifact import open_export
+from .artifact import open_export, parse_onnx
 from .errors import SPJError
 from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json, write_onnx
 from .runtime import Generator, Package
@@ -56,7 +57,11 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
     target = out.with_name(f"{out.name}.tar.gz") if tar else out
     check_output(target, [model_dir], overwrite=overwrite, suffix=".tar.gz" if tar else None)
     export = open_export(model_dir)
-    proto, meta = export.proto, export.metadata
+    # An export whose weights are model.onnx.data already keeps them there: the graph alone is read and edited, and
+    # the weights file copied as it is (a 1B model's 4.4 GB never pass through Python).
+    weights_kept = export.weights_path.is_file()
+    proto = parse_onnx(export.graph, export.graph_path) if weights_kept else export.proto
+    meta = {p.key: p.value for p in proto.metadata_props}
     missing = [key for key in METADATA if key not in meta]
     if missing:
         raise SPJError(f"{export.graph_path}: not written by spj-edge export (its metadata lacks {', '.join(missing)})")
@@ -82,16 +87,21 @@ def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = Fa
                    "checkpoint_sha256": meta.get("spj.source_sha256")},
         "created_by": f"spj-edge {__version__}",
     }
+    reference = greedy_tokens(source_generator(export, manifest, texts[TOKENIZER]))  # gone before the package loads
     with _staged_tar(target, out.name) if tar else staged_dir(out) as folder:
-        write_onnx(proto, folder / MODEL, external_data=True)
-        del proto  # its weights went to the file
+        if weights_kept and external_locations(proto) == {WEIGHTS}:
+            onnx.save_model(proto, str(folder / MODEL))  # the weights' references, offsets and all, stay valid
+            shutil.copyfile(export.weights_path, folder / WEIGHTS)
+        else:
+            write_onnx(export.proto if weights_kept else proto, folder / MODEL, external_data=True)
+        del proto
         onnx.checker.check_model(str(folder / MODEL))  # by path: a graph past 2 GiB is checked too
         for name, data in texts.items():
             (folder / name).write_bytes(data)
         manifest["files"] = {name: file_entry(folder / name) for name in (MODEL, WEIGHTS, *texts)}
         write_json(folder / MANIFEST, manifest)
         manifest["checks"] = {"source": export.report.get("checks", {}),
-                              "package": check_against_source(Generator.load(folder), source_generator(export, manifest, texts[TOKENIZER]))}
+                              "package": check_against_source(greedy_tokens(Generator.load(folder)), reference)}
         write_json(folder / MANIFEST, manifest)  # spj.json is not hashed: it holds the hashes
 
     checks = manifest["checks"]["package"]
@@ -112,12 +122,19 @@ def file_entry(path: Path) -> dict:
     return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
+def external_locations(proto: onnx.ModelProto) -> set[str]:
+    """The files the graph's tensors keep their data in."""
+    return {entry.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+            for entry in t.external_data if entry.key == "location"}
+
+
 def source_generator(export, manifest: dict, tokenizer_json: bytes) -> Generator:
     """The export's own graph (every position's logits), loaded by the runtime as the package is, for the check."""
     weights = export.weights_path
-    external = weights.is_file()
-    return Generator(Package(export.path, {**manifest, "logits": "all"}, {MODEL: export.graph, TOKENIZER: tokenizer_json},
-                             export.path if external else None, weights.stat().st_size if external else None))
+    kept = weights.is_file()
+    files = {MODEL: export.graph, TOKENIZER: tokenizer_json}
+    return Generator(Package(export.path, {**manifest, "logits": "all"}, files, export.path if kept else None,
+                             weights.stat().st_size if kept else None))
 
 
 def last_position_logits(proto: onnx.ModelProto, config: dict) -> bool:
@@ -140,7 +157,6 @@ def last_position_logits(proto: onnx.ModelProto, config: dict) -> bool:
     sequence_axis = next(o for o in graph.output if o.name == logits).type.tensor_type.shape.dim[1]
     sequence_axis.Clear()
     sequence_axis.dim_value = 1
-    onnx.checker.check_model(proto)
     return True
 
 
@@ -158,10 +174,11 @@ def _head_input_node(graph: onnx.GraphProto, logits: str) -> onnx.NodeProto | No
     return node
 
 
-def check_against_source(packaged: Generator, source: Generator) -> dict:
-    ids = packaged.encode(CHECK_PROMPT)
-    options = dict(max_new_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True)
-    produced, reference = list(packaged.tokens(ids, **options)), list(source.tokens(ids, **options))
+def greedy_tokens(generator: Generator) -> list[int]:
+    return list(generator.tokens(CHECK_PROMPT, max_new_tokens=CHECK_TOKENS, temperature=0.0, ignore_eos=True))
+
+
+def check_against_source(produced: list[int], reference: list[int]) -> dict:
     if produced != reference:
         first = next(i for i, (a, b) in enumerate(zip(produced, reference)) if a != b)
         raise SPJError(f"package check failed: the packaged model's greedy continuation departs from the source "

@@ -59,6 +59,8 @@ def test_a_package_of_an_external_export_runs_as_the_inline_one(external, nano_p
     out = external / f"{source}.spj"
     assert cli("package", "--model", external / source, "--out", out).returncode == 0
     assert cli("package", "--model", external / source, "--out", out, "--tar").returncode == 0
+    # the weights file is copied as it is, never parsed (only the graph gains the last-position Gather)
+    assert (out / "model.onnx.data").read_bytes() == (external / source / "model.onnx.data").read_bytes()
     options = dict(max_new_tokens=TOKENS, temperature=0, ignore_eos=True)
     tokens = list(Generator.load(out).tokens(PROMPT, **options))
     assert list(Generator.load(out.with_name(f"{out.name}.tar.gz")).tokens(PROMPT, **options)) == tokens
