@@ -349,3 +349,25 @@ def test_a_fresh_venv_with_pip_install_and_no_extras_generates(pkg, generator, t
     assert usage.returncode == 0 and "quantize" in usage.stdout, usage.stderr
     assert_one_line_error(subprocess.run([spj_edge, "export", "--model", str(pkg)], capture_output=True, text=True,
                                          cwd=tmp_path), "pip install 'spj-edge[toolchain]'")
+
+
+def test_a_killed_runtime_leaves_nothing_the_next_one_keeps(pkg, tmp_path):
+    """SIGKILL runs no cleanup, so a killed runtime leaves its private folder (for a tar, the weights inflated:
+    gigabytes); the next runtime to load a package removes the folders of processes no longer running."""
+    scratch = tmp_path / "TMPDIR"
+    scratch.mkdir()
+    with tarfile.open(tmp_path / "nano.spj.tar.gz", "w:gz") as tar:
+        tar.add(pkg, arcname="nano.spj")
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom spj_edge.runtime import read_package\n"
+                               "package = read_package(sys.argv[1])\nprint(flush=True)\ntime.sleep(60)",
+                               str(tmp_path / "nano.spj.tar.gz")], stdout=subprocess.PIPE, env=env, cwd=REPO)
+    holder.stdout.readline()  # loaded
+    left = list(scratch.iterdir())
+    assert len(left) == 1 and (left[0] / "model.onnx.data").is_file()
+    holder.kill()
+    holder.wait()
+    assert list(scratch.iterdir()) == left  # no cleanup after SIGKILL
+    assert runtime_cli("--model", tmp_path / "nano.spj.tar.gz", "--prompt", "Hi", "--max-new-tokens", "2",
+                       env=env).returncode == 0
+    assert list(scratch.iterdir()) == []  # the dead one's removed, and its own on exit

@@ -149,14 +149,41 @@ def _copy_hashing(source: BinaryIO, target: BinaryIO | None, size: int, where: s
     return digest.hexdigest()
 
 
+PINNED_PREFIX = "spj-edge-package-"
+
+
 class _PinnedFolder:
     """A private temporary folder holding MODEL and WEIGHTS for onnxruntime to open by path, removed (and any
-    descriptors it holds closed) when the package that owns it is collected."""
+    descriptors it holds closed) when the package that owns it is collected. A process killed outright leaves its
+    folder behind (a tar's weights: gigabytes), so each new one first removes those of processes no longer running:
+    the PID is in the name."""
 
     def __init__(self):
-        self.path = Path(tempfile.mkdtemp(prefix="spj-edge-package-"))  # mode 0700
+        _remove_abandoned_folders()
+        self.path = Path(tempfile.mkdtemp(prefix=f"{PINNED_PREFIX}{os.getpid()}-"))  # mode 0700
         self.descriptors: list[int] = []
         weakref.finalize(self, _remove_pinned, self.path, self.descriptors)
+
+
+def _remove_abandoned_folders() -> None:
+    for folder in Path(tempfile.gettempdir()).glob(f"{PINNED_PREFIX}*-*"):
+        pid = folder.name.removeprefix(PINNED_PREFIX).partition("-")[0]
+        try:
+            ours = folder.lstat().st_uid == os.getuid()
+        except OSError:  # gone already
+            continue
+        if ours and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _remove_pinned(path: Path, descriptors: list[int]) -> None:
