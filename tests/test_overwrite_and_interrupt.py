@@ -219,7 +219,10 @@ def test_ctrl_c_keeps_a_checkpoint_and_its_resume_command_finishes_the_run(tmp_p
     argv = [sys.executable, "-m", "spj_edge.cli", "train", "--preset", "nano", "--data", str(TEXT), "--steps",
             str(STEPS), "--batch-size", "8", "--eval-every", "2", "--precision", "fp32", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell without job control starts background commands with SIGINT ignored, and the child would inherit that
+    # (a test run started with `&` then never saw the signal): the child gets the default, as a terminal's job has.
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stderr:  # held-out evaluations are written as lines, the bar isn't
         lines.append(line)
