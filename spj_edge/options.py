@@ -192,6 +192,9 @@ class QuantizeOptions:
                                              "0.97 for int8, 0.90 for int4)", type=float)
     block_size: int = flag(32, "int4: weights per scale (default %(default)s)")
     accuracy_level: int = flag(4, "int4: MatMulNBits compute type (4: int8)")
+    keep_grids: bool = flag(True, "int4: weights block-quantized already (a GGUF's Q4_0, Q4_1, Q4_K, Q8_0) keep "
+                                  "their grid instead of being rounded again (default: on)",
+                            action=argparse.BooleanOptionalAction)
     force: bool = flag(False, "write a model that fails the gate, with a warning")
     external_data: bool | None = flag(None, "the weights in model.onnx.data beside the graph (default: when the graph "
                                             "passes 1 GiB)", action=argparse.BooleanOptionalAction)

@@ -148,12 +148,15 @@ def last_position_logits(proto: onnx.ModelProto, config: dict) -> bool:
     head = _head_input_node(graph, logits)
     if head is None:
         return False
-    index = "/lm_head/last_position.index"
+    index, hidden = "/lm_head/last_position.index", head.input[0]
     graph.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), index))
-    gather = helper.make_node("Gather", [head.input[0], index], ["/lm_head/last_position/Gather_output_0"],
+    gather = helper.make_node("Gather", [hidden, index], ["/lm_head/last_position/Gather_output_0"],
                               name="/lm_head/last_position/Gather", axis=1)
-    head.input[0] = gather.output[0]
-    graph.node.insert(list(graph.node).index(head), gather)
+    # every reader of the hidden state is the head's: its MatMul, and a grid head's block sums (weight_grids.py)
+    readers = [node for node in graph.node if hidden in node.input]
+    for node in readers:
+        node.input[:] = [gather.output[0] if name == hidden else name for name in node.input]
+    graph.node.insert(min(list(graph.node).index(node) for node in readers), gather)
     sequence_axis = next(o for o in graph.output if o.name == logits).type.tensor_type.shape.dim[1]
     sequence_axis.Clear()
     sequence_axis.dim_value = 1

@@ -14,7 +14,8 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
 - Settings per CPU come from a target profile (exporters/*.json): u8s8 everywhere, 7-bit weights on x86 without VNNI.
 - int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
   channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
-  and the LM head if 4 bits fail the gate, get 8-bit MatMulNBits weights instead.
+  and the LM head if 4 bits fail the gate, get 8-bit MatMulNBits weights instead. Weights that are block-quantized
+  already (a GGUF's, imported) keep their grid, neither scaled nor rounded again (weight_grids.py).
 The gate measures held-out bits per byte, top-1 next-token agreement with the float model where it is confident, and
 KL, on text calibration did not see; a model that fails it is not written (unless --force).
 """
@@ -27,6 +28,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +41,7 @@ from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_ten
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 from tqdm import tqdm
 
-from . import contract, smoothquant
+from . import contract, smoothquant, weight_grids
 from .artifact import ExportArtifact, open_export, read_json
 from .data import calibration_split, read_texts, spaced_windows, tokenize_corpus
 from .errors import SPJError
@@ -282,9 +284,9 @@ class Recipe:
 
 def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                    calibration: KVCacheCalibration | None, activation_ranges: Path | None,
-                   eight_bit: list[str] = ()) -> None:
+                   eight_bit: list[str] = (), on_grid: list[str] = ()) -> None:
     """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them");
-    int4 gives those of them in `eight_bit` 8-bit weights.
+    int4 gives those of them in `eight_bit` 8-bit weights, and writes those in `on_grid` on their own grid.
     Static mode takes its activation ranges from `activation_ranges` (onnxruntime's own calibration cache format);
     without them (the --op-types experiments, which quantize more than weight MatMuls) onnxruntime's min/max
     calibrator runs on the feeds."""
@@ -307,13 +309,15 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
     else:
         model = onnx.load(str(source))
         every = weight_matmuls(model)
-        for bits, chosen in ((4, [n for n in nodes if n not in eight_bit]), (8, [n for n in nodes if n in eight_bit])):
+        rounded = [n for n in nodes if n not in on_grid]
+        for bits, chosen in ((4, [n for n in rounded if n not in eight_bit]), (8, [n for n in rounded if n in eight_bit])):
             if chosen:  # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
                 quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
                                                  accuracy_level=options.accuracy_level,
                                                  nodes_to_exclude=[n for n in every if n not in chosen])
                 quantizer.process()
                 model = quantizer.model.model
+        weight_grids.write(model, [n for n in nodes if n in on_grid], options.accuracy_level)
         onnx.save(model, str(target))
 
 
@@ -539,10 +543,12 @@ class Outcome:
     quantized: list[str]
     plan: smoothquant.Plan | None  # static and int4 with calibration: scaling per MatMul, estimated errors
     eight_bit: dict[str, str]  # int4: the MatMuls given 8-bit weights, and why
+    on_grid: dict[str, int]  # int4: the MatMuls written on the block grid their weights were on, and its bits
 
 
 def scaling_plan(float_model: ExportArtifact, statistics: smoothquant.ActivationStatistics, recipe: Recipe,
-                 matmuls: list[str], tmp: Path) -> tuple[smoothquant.Plan, Path, Path | None]:
+                 matmuls: list[str], tmp: Path, on_grid: Collection[str] = ()
+                 ) -> tuple[smoothquant.Plan, Path, Path | None]:
     """The calibration statistics decide each MatMul's scaling (SmoothQuant for static int8, AWQ for int4) and what
     is kept at a higher precision (smoothquant.py). Returns the plan, the scaled graph and, for static int8, the
     activation ranges as onnxruntime's calibration cache. The scaling is folded into the export's parsed graph
@@ -552,7 +558,7 @@ def scaling_plan(float_model: ExportArtifact, statistics: smoothquant.Activation
     proto = float_model.proto
     nodes = {n.name: n for n in proto.graph.node}
     found = smoothquant.folds(proto, float_model.config)
-    plan = smoothquant.plan(proto, statistics, found, matmuls, mode, recipe.options.smoothquant)
+    plan = smoothquant.plan(proto, statistics, found, matmuls, mode, recipe.options.smoothquant, exact=on_grid)
     scales = smoothquant.apply(proto, found, plan, [m for m in matmuls if not (static and m in plan.kept)])
     scaled = tmp / "scaled.onnx"
     onnx.save(proto, str(scaled), save_as_external_data=True, location=f"{scaled.name}.data")
@@ -580,6 +586,8 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
     options, cfg = recipe.options, float_model.config
     byte_lengths = token_byte_lengths(float_model.tokenizer, cfg.vocab_size)
     matmuls = weight_matmuls(float_model.proto)
+    on_grid = (weight_grids.find_all(float_model.proto, matmuls)
+               if recipe.mode == "int4" and options.keep_grids else {})
     inputs = statistics_inputs(recipe, float_model.proto)
     source, plan, activation_ranges, calibration, statistics = float_model.graph_path, None, None, None, None
     float_lm = float_reference(float_model, recipe, tmp)
@@ -592,7 +600,7 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         calibration = KVCacheCalibration(float_lm, calib_set)
     del float_lm
     if statistics is not None:
-        plan, source, activation_ranges = scaling_plan(float_model, statistics, recipe, matmuls, tmp)
+        plan, source, activation_ranges = scaling_plan(float_model, statistics, recipe, matmuls, tmp, on_grid)
         del statistics
     eight_bit = dict(plan.kept) if plan and recipe.mode == "int4" else {}
     candidate = tmp / "model.onnx"
@@ -603,7 +611,8 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         nodes = [n for n in matmuls if n not in excluded]
         if nodes:
             with quiet_onnxruntime():
-                quantize_graph(source, candidate, recipe, nodes, calibration, activation_ranges, list(eight_bit))
+                quantize_graph(source, candidate, recipe, nodes, calibration, activation_ranges, list(eight_bit),
+                               list(on_grid))
         else:  # nothing left to quantize but the embedding: onnxruntime would read an empty list as "everything"
             onnx.save(onnx.load(str(source)), str(candidate))  # the smoothed graph's weights are external
         quantize_embedding(candidate)
@@ -615,11 +624,12 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
                    f"{figures['top1_agreement_confident']:.2%} where float32 is confident "
                    f"({figures['top1_agreement']:.2%} overall), KL {figures['kl']:.4f}: "
                    f"{'fails the gate' if failures else 'passes'}")
-        return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit))
+        return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit), on_grid)
 
     float_kept = plan.kept if plan and recipe.mode == "static" else {}
     outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **float_kept})
-    if (outcome.failures and options.mode == "int4" and HEAD in outcome.quantized and HEAD not in eight_bit):
+    if (outcome.failures and options.mode == "int4" and HEAD in outcome.quantized
+            and HEAD not in eight_bit and HEAD not in on_grid):
         eight_bit[HEAD] = "a 4-bit LM head broke the accuracy gate"
         outcome = attempt(outcome.excluded)
     if outcome.failures and options.auto_exclude:
@@ -668,6 +678,7 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
         f"estimated_{'int4' if mode == 'int4' else 'int8'}_error": (
             {n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),
         "eight_bit": outcome.eight_bit,
+        "on_grid": outcome.on_grid,
         "embedding": "int8 rows with a float scale per row (for size: a Gather reads one row a token)",
         "excluded": {**outcome.excluded, "(everything but weight MatMuls and the embedding)": "attention scores, "
                      "masks and norms gain nothing from int8 and break when quantized"},
@@ -698,6 +709,10 @@ def print_report(report: dict, model_dir: Path, out: Path) -> None:
              f"({figures['confident_share']:.0%} of {figures['positions']}), {figures['top1_agreement']:.2%} overall"),
             ("KL(float32 ‖ quantized)", f"{figures['kl']:.4f} nats a token"),
             ("integer kernels", json.dumps(report["executed"]["integer_ops"])), ("kept in float", len(kept))]
+    if report["on_grid"]:
+        bits = sorted(set(report["on_grid"].values()))
+        rows.append(("kept on their grid", f"{len(report['on_grid'])} MatMuls, their weights block-quantized already "
+                     f"({' and '.join(f'{b}-bit' for b in bits)})"))
     if report["eight_bit"]:
         rows.append(("8-bit weights", ", ".join(report["eight_bit"])))
     if report["speed"]:

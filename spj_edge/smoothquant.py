@@ -18,6 +18,7 @@ estimated 4-bit error of its output, so that the channels that carry the most si
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,21 +206,27 @@ def channel_scale(magnitude: np.ndarray, weight_max: np.ndarray | None, alpha: f
 
 
 def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[str, Fold], matmuls: list[str],
-         mode: Mode, alpha: float | None = None) -> Plan:
+         mode: Mode, alpha: float | None = None, exact: Collection[str] = ()) -> Plan:
     """α per MatMul (`alpha` fixes it; 0 turns scaling off), its estimated error, and which MatMuls `mode` keeps at a
-    higher precision. The estimate runs in float32 on a sample of the calibration tokens and of the output columns."""
+    higher precision. The estimate runs in float32 on a sample of the calibration tokens and of the output columns.
+    `exact`: MatMuls whose weights are written without error (weight_grids.py), so neither scaled nor estimated, nor
+    rescaled by another's fold (o_proj's goes into the V columns of q/k/v's weight, down's into up's)."""
     weights = {i.name: i for i in proto.graph.initializer}
     nodes = {n.name: n for n in proto.graph.node}
+    fixed = {nodes[name].input[1] for name in exact}
     alphas, errors, kept, scales = {}, {}, {}, {}
     for name in matmuls:
         node = nodes[name]
+        if name in exact:
+            alphas[name], errors[name] = 0.0, 0.0
+            continue
         x = statistics.sample[node.input[0]]
         w = numpy_helper.to_array(weights[node.input[1]])
         magnitude = (np.abs(x).mean(0) if mode.activation_aware else statistics.absmax(node.input[0]))
         weight_max = None if mode.activation_aware else np.abs(w).max(1)
         w = w[:, np.linspace(0, w.shape[1] - 1, min(WEIGHT_COLUMNS, w.shape[1])).astype(int)]
         reference = x @ w  # scaling leaves the product as it is, up to rounding
-        if name not in found or alpha == 0:
+        if name not in found or alpha == 0 or found[name].tensor in fixed:
             candidates = (0.0,)
         else:
             candidates = (0.0, *mode.alphas) if alpha is None else (alpha,)

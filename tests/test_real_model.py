@@ -103,3 +103,17 @@ def test_the_int8_package_answers_and_stops_at_im_end(pipeline, tmp_path):
     assert len(ids) < MAX_NEW_TOKENS, "stopped by an end-of-generation id, not by max_new_tokens"
     # the id it stopped at, which `tokens` does not yield: <|im_end|>, the template's end of a turn
     assert list(generator.tokens(prompt + ids, temperature=0, max_new_tokens=1, ignore_eos=True)) == [IM_END]
+
+
+def test_default_int4_keeps_the_gguf_grid_and_passes_the_int4_gate(pipeline, tmp_path):
+    """The file's Q4_1 MatMuls and its Q8_0 (tied) LM head are written on their own grids, so int4 adds no rounding
+    of its own: within the int4 gate's 3 % with every MatMul quantized (the head included), and the package answers."""
+    report = quantize(pipeline[0] / "onnx", tmp_path / "int4", calib=CALIB, eval_data=HELDOUT,
+                      options=QuantizeOptions(mode="int4", measure=False))
+    gate = report["gate"]
+    assert gate["passed"] and gate["bits_per_byte_increase"] <= 0.03, gate
+    assert set(report["on_grid"]) == set(report["quantized"]) and len(report["quantized"]) == 121
+    assert report["on_grid"]["/lm_head/MatMul"] == 8 and set(report["on_grid"].values()) == {4, 8}
+    package(tmp_path / "int4", tmp_path / "int4.spj")
+    reply = Generator.load(tmp_path / "int4.spj").chat(CONVERSATION, temperature=0, max_new_tokens=MAX_NEW_TOKENS)
+    assert "Paris" in reply, reply

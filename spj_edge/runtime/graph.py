@@ -24,8 +24,8 @@ ALLOWED_OPS = frozenset({
     *(("", op) for op in (
         "Add", "And", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div",
         "DynamicQuantizeLinear", "Expand", "Gather", "Identity", "LessOrEqual", "MatMul", "MatMulInteger", "Mul",
-        "Neg", "Not", "OneHot", "Pow", "QuantizeLinear", "Range", "ReduceMean", "Reshape", "Shape", "Sigmoid",
-        "Slice", "Softmax", "Split", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze", "Where")),
+        "Neg", "Not", "OneHot", "Pow", "QuantizeLinear", "Range", "ReduceMean", "ReduceSum", "Reshape", "Shape",
+        "Sigmoid", "Slice", "Softmax", "Split", "Sqrt", "Sub", "Tile", "Transpose", "Unsqueeze", "Where")),
     *(("com.microsoft", op) for op in (
         "GroupQueryAttention", "MatMulNBits", "QuickGelu", "RotaryEmbedding", "SkipSimplifiedLayerNormalization")),
 })
