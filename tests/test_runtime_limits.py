@@ -129,6 +129,9 @@ def test_control_flow_and_unknown_ops_are_refused(pkg, tmp_path):
     ({"format_version": True}, "package format version True; this runtime reads versions 1, 2"),
     ({"files__../x": {"sha256": "0" * 64, "bytes": 1}}, "files lists '../x', which is not a file of the package"),
     ({"files__model.onnx__bytes": 2**40}, "files.model.onnx.bytes must be an integer from 0 to"),
+    ({"io__outputs": ["logits"]}, "model.onnx's outputs are not spj.json's io.outputs (in order): the manifest "
+                                  "describes another graph"),
+    ({"io": "input_ids"}, "spj.json: io must hold the graph's inputs and outputs as lists of at most 2051 names"),
 ])
 def test_a_manifest_that_lies_is_refused_in_one_line(pkg, tmp_path, change, message):
     changed = tmp_path / "lies.spj"

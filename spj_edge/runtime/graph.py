@@ -85,6 +85,10 @@ def _check_io(graph: Graph, manifest: dict, where: str) -> None:
         if wanted != have:
             raise SPJError(f"{where}'s {kind} do not follow the ONNX contract for its config (missing "
                            f"{sorted(wanted - have)}, unexpected {sorted(have - wanted)})")
+        listed = manifest.get("io", {}).get(kind)  # the names in the graph's order (format 1 packages may lack it)
+        if listed is not None and listed != [name for name, _, _ in found]:
+            raise SPJError(f"{where}'s {kind} are not spj.json's io.{kind} (in order): the manifest describes "
+                           "another graph")
         declared = {name: (element, dims) for name, element, dims in found}
         for spec in specs:
             element, dims = declared[spec.name]

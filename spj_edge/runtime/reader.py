@@ -55,6 +55,7 @@ ARCHIVE_MAX_BYTES = sum(MAX_BYTES.values())  # all members of an archive togethe
 ARCHIVE_MAX_MEMBERS = 64
 LARGEST = 1 << 20  # the largest vocabulary, context or token count a manifest may give (real ones: 256 K at most)
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty")
+IO_NAMES_MAX = 3 + 2 * 1024  # ids, mask, positions and a key and a value per layer, at the most layers allowed
 # What the runtime reads from spj.json, and the least and the greatest value of its integers.
 INTEGERS = {
     **{("model", key): (1, 1024) for key in ("num_hidden_layers", "num_key_value_heads", "head_dim")},
@@ -231,6 +232,11 @@ def _check_values(manifest: dict, where: str) -> None:
         if not (_is_integer(value) and least <= value <= most):
             raise SPJError(f"{where}: {section}.{key} must be an integer from {least} to {most}, got {value!r}")
     _check_special_tokens(manifest["special_tokens"], manifest["model"]["vocab_size"], where)
+    io = manifest.get("io")
+    if io is not None and not (isinstance(io, dict) and all(
+            isinstance(io.get(kind), list) and len(io[kind]) <= IO_NAMES_MAX
+            and all(isinstance(name, str) for name in io[kind]) for kind in ("inputs", "outputs"))):
+        raise SPJError(f"{where}: io must hold the graph's inputs and outputs as lists of at most {IO_NAMES_MAX} names")
     template = manifest.get("chat_template")
     if not (template is None or isinstance(template, str) and len(template) <= CHAT_TEMPLATE_MAX_CHARS):
         raise SPJError(f"{where}: chat_template must be null or text of at most {CHAT_TEMPLATE_MAX_CHARS} characters")
