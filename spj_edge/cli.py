@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from .errors import ArgumentParser, run_command
-from .options import (CALIB_HELD_OUT, IMPORT_DTYPES, BenchOptions, EvalOptions, PrepareOptions, PruneOptions,
-                      QuantizeOptions, SourceOptions, TrainOptions, add_flags, from_flags)
+from .options import (CALIB_HELD_OUT, IMPORT_DTYPES, BenchOptions, EvalOptions, PackageOptions, PrepareOptions,
+                      PruneOptions, QuantizeOptions, SourceOptions, TrainOptions, add_flags, from_flags)
 
 
 def cmd_tokenizer(args):
@@ -77,7 +77,7 @@ def cmd_quantize(args):
 def cmd_package(args):
     from .package import package
 
-    package(args.model, args.out, tar=args.tar, overwrite=args.overwrite)
+    package(args.model, args.out, options=from_flags(PackageOptions, args), overwrite=args.overwrite)
 
 
 def cmd_eval(args):
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "tokenizer.json and the spj.json manifest")
     p.add_argument("--model", default="runs/onnx", help="an export or quantize output directory (default %(default)s)")
     p.add_argument("--out", default="dist/model.spj", help="the package directory (default %(default)s)")
-    p.add_argument("--tar", action="store_true", help="write OUT.tar.gz, one file to copy, instead of the directory")
+    add_flags(p, PackageOptions)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=cmd_package)
 

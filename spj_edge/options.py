@@ -228,6 +228,11 @@ class QuantizeOptions:
             raise SPJError("--max-bpb-increase must be ≥ 0 and --min-agreement in [0, 1]")
 
 
+@dataclass(frozen=True)
+class PackageOptions:
+    tar: bool = flag(False, "write OUT.tar.gz, one file to copy, instead of the directory")
+
+
 IMPORTANCES = ("activation", "l1")
 PRUNE_METHODS = ("structured", "magnitude")
 

@@ -37,6 +37,7 @@ from onnx import helper, numpy_helper
 from . import __version__, contract
 from .artifact import open_export, parse_onnx
 from .errors import SPJError
+from .options import PackageOptions
 from .outputs import check_output, name_output, scratch_dir, staged_dir, write_json, write_onnx
 from .runtime import Generator, Package
 from .runtime.reader import CHUNK, FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, WEIGHTS
@@ -52,8 +53,9 @@ METADATA = ("spj.config", "spj.graph", "spj.quantization")  # written by `spj-ed
 CHECK_PROMPT, CHECK_TOKENS = "Once upon a time, in a land far away,", 32
 
 
-def package(model_dir: str | os.PathLike, out: str | os.PathLike, tar: bool = False, overwrite: bool = False) -> dict:
-    model_dir, out = Path(model_dir), Path(out)
+def package(model_dir: str | os.PathLike, out: str | os.PathLike, options: PackageOptions = PackageOptions(),
+            overwrite: bool = False) -> dict:
+    model_dir, out, tar = Path(model_dir), Path(out), options.tar
     target = out.with_name(f"{out.name}.tar.gz") if tar else out
     check_output(target, [model_dir], overwrite=overwrite, suffix=".tar.gz" if tar else None)
     export = open_export(model_dir)

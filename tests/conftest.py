@@ -90,11 +90,12 @@ def nano_plain_export(nano_checkpoint, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def nano_package(nano_export, tmp_path_factory) -> Path:
     """nano_export packaged as a directory, and beside it the same package as NAME.tar.gz."""
+    from spj_edge.options import PackageOptions
     from spj_edge.package import package
 
     out = tmp_path_factory.mktemp("nano-package") / "nano.spj"
     package(nano_export, out)
-    package(nano_export, out, tar=True)
+    package(nano_export, out, PackageOptions(tar=True))
     shared(out.with_name(f"{out.name}.tar.gz"))
     return shared(out)
 

@@ -19,6 +19,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from conftest import REPO
 from spj_edge.export import export
 from spj_edge.outputs import write_json
+from spj_edge.options import PackageOptions
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 
@@ -75,7 +76,7 @@ def packages(nano_checkpoint, tmp_path_factory) -> dict[str, Path]:
     (int8 / "tokenizer.json").write_bytes((work / "fp32" / "tokenizer.json").read_bytes())
     write_json(int8 / "report.json", {"stage": "quantize (stand-in: quantize_dynamic in tests/test_arm64.py)"})
     for name in ("fp32", "int8"):
-        package(work / name, work / f"nano-{name}.spj", tar=True)
+        package(work / name, work / f"nano-{name}.spj", PackageOptions(tar=True))
     return {name: work / f"nano-{name}.spj.tar.gz" for name in ("fp32", "int8")}
 
 

@@ -16,6 +16,7 @@ from spj_edge.artifact import open_export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.outputs import MARKER
 from spj_edge import package as package_module
+from spj_edge.options import PackageOptions
 from spj_edge.package import CHECK_PROMPT, CHECK_TOKENS, package
 from spj_edge.runtime import Generator
 from spj_edge.tokenizer import load_tokenizer, special_token_ids
@@ -131,13 +132,13 @@ def test_a_package_that_departs_from_its_source_is_refused_and_nothing_written(n
     for tar in (False, True):
         with pytest.raises(SPJError, match=f"^package check failed: the packaged model's greedy continuation departs "
                                            f"from the source graph's at token 0 of {CHECK_TOKENS}; nothing written$"):
-            package(nano_export, tmp_path / "nano.spj", tar=tar)
+            package(nano_export, tmp_path / "nano.spj", PackageOptions(tar=tar))
         assert not list(tmp_path.iterdir())
 
 
 def test_tar_holds_one_folder_and_runs_like_the_directory(exported, packaged, tmp_path):
     out, _ = packaged
-    report = package(exported, tmp_path / "nano.spj", tar=True)
+    report = package(exported, tmp_path / "nano.spj", PackageOptions(tar=True))
     archive = tmp_path / "nano.spj.tar.gz"
     assert report["out"] == str(archive) and sorted(p.name for p in tmp_path.iterdir()) == ["nano.spj.tar.gz"]
     with tarfile.open(archive) as tar:

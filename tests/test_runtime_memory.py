@@ -22,7 +22,7 @@ def packages(tmp_path_factory) -> list:
     from spj_edge.config import load_preset
     from spj_edge.export import export
     from spj_edge.model import Transformer
-    from spj_edge.options import QuantizeOptions
+    from spj_edge.options import PackageOptions, QuantizeOptions
     from spj_edge.package import package
     from spj_edge.quantize import quantize
     from spj_edge.tokenizer import special_token_ids, train_tokenizer
@@ -40,7 +40,7 @@ def packages(tmp_path_factory) -> list:
     built = []
     for kind in ("fp32", "int8", "int4"):
         package(root / kind, root / f"{kind}.spj")
-        package(root / kind, root / f"{kind}.spj", tar=True)
+        package(root / kind, root / f"{kind}.spj", PackageOptions(tar=True))
         built += [root / f"{kind}.spj", root / f"{kind}.spj.tar.gz"]
     return built
 
