@@ -143,6 +143,7 @@ def evaluate(model: str, file_windows_count: int, save, only: list[str] | None =
         if isinstance(lm, PeerLM):
             lm.close()
         save(result)
+    save(result)  # with the rows kept after the last one measured
 
 
 def markdown(result: dict) -> str:
