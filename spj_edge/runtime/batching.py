@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import SPJError
 from ..sampling import Sampler
-from .generator import Generator, _Step
+from .generator import Generator
+from .step import Step
 
 
 class QueueFull(SPJError):
@@ -86,7 +87,7 @@ class Batcher:
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.rows: list[Generation] = []  # the batch, in the order of the cache's batch axis
         self.taken = 0  # rows in the batch or being prefilled to join it
-        self.step: _Step | None = None  # the batch's binding, its cache `length` positions long
+        self.step: Step | None = None  # the batch's binding, its cache `length` positions long
         self.length = 0
         self.waiting: deque[Generation] = deque()
         self.closed = False
@@ -159,24 +160,23 @@ class Batcher:
         self.length = total
         for r, generation in enumerate(rows):
             if not generation.cancelled:
-                generation.take(generation.sampler(logits[r], generation.history))
+                generation.take(generation.sampler(logits[r, -1], generation.history))
 
-    def _prefill(self, generation: Generation) -> _Step:
+    def _prefill(self, generation: Generation) -> Step:
         """The prompt's step, alone, as Generator.generate takes it, and its first id; the binding holding its cache."""
-        prompt = np.array([generation.prompt], np.int64)
-        step = _Step(self.generator, 1)
-        logits = step(prompt, np.ones_like(prompt), np.arange(prompt.shape[1], dtype=np.int64)[None])
-        generation.take(generation.sampler(logits[0], generation.history))
+        step = self.generator.decoder.step(1)
+        logits = step.extend(np.array([generation.prompt], np.int64))
+        generation.take(generation.sampler(logits[0, -1], generation.history))
         return step
 
-    def _regroup(self, staying: list[Generation], joining: list[tuple[Generation, _Step]]) -> None:
+    def _regroup(self, staying: list[Generation], joining: list[tuple[Generation, Step]]) -> None:
         """The batch becomes the staying rows (in order) and then the joining ones."""
         if staying != self.rows or joining:
             self.rows, self.step, self.length = self._stacked(staying, joining)
         with self.changed:
             self.taken = len(self.rows)
 
-    def _stacked(self, staying: list[Generation], joining: list[tuple[Generation, _Step]]):
+    def _stacked(self, staying: list[Generation], joining: list[tuple[Generation, Step]]):
         """The rows, their binding and its cache's length, with the staying rows' cache and the joining ones' stacked
         into one."""
         if not staying and len(joining) == 1:  # one generation alone keeps its own binding: nothing is copied
@@ -191,7 +191,7 @@ class Batcher:
             parts.insert(0, [cache[kept] for cache in self.step.cache()])
         length = max(g.cached for g in rows)
         caches = [np.concatenate([_right_aligned(c, length) for c in same_input]) for same_input in zip(*parts)]
-        return rows, _Step(self.generator, len(rows), caches), length
+        return rows, self.generator.decoder.step(len(rows), caches), length
 
 
 def _right_aligned(cache: np.ndarray, length: int) -> np.ndarray:

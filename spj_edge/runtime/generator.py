@@ -1,12 +1,8 @@
 """Generation with onnxruntime alone: the prompt in one step, then one token per step with the KV cache.
 
 A prompt is framed as the package's tokenizer frames it (its post-processor's <bos>, or none), a conversation as its
-chat template renders it (`chat`), and generation stops at any of the package's EOS ids.
-
-The cache never leaves onnxruntime: each step's `present.*` outputs are OrtValues that the IOBinding binds as the next
-step's `past_key_values.*` inputs, with no copy through numpy. The small inputs (ids, mask, positions) are numpy
-buffers bound in place, and a package whose graph computes the last position's logits only (`"logits": "last"` in
-spj.json) writes them into one buffer that lives for the whole generation.
+chat template renders it (`chat`), and generation stops at any of the package's EOS ids. The steps themselves, with
+the KV cache kept in onnxruntime, are step.py's.
 """
 from __future__ import annotations
 
@@ -27,6 +23,7 @@ from ..sampling import Sampler, SamplingParams
 from ..tokenizer import SpecialIds, TextTokenizer, check_matches_model, check_prompt_fits
 from .graph import check_graph
 from .reader import MODEL, TOKENIZER, Package, read_package
+from .step import Decoder, open_session
 
 # A prompt's most bytes: far more than any context holds, few enough to tokenize in a moment.
 PROMPT_MAX_BYTES = 1 << 20
@@ -61,21 +58,20 @@ class Generator:
         check_graph(package.files[MODEL], manifest, f"{package.source}: {MODEL}", package.weights_bytes)  # first
         self.context = config["max_position_embeddings"]
         self.vocab_size = config["vocab_size"]
-        shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
-        self.inputs = contract.inputs(*shape)
-        self.outputs = contract.outputs(*shape, self.vocab_size)
         self.tokenizer = package_tokenizer(package)
         check_matches_model(self.tokenizer, self.vocab_size, f"{package.source}: {TOKENIZER}")
         self.threads = default_threads() if threads is None else threads
-        self.session = _session(package, self.threads)
+        shape = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+        self.decoder = Decoder(_session(package, self.threads), contract.inputs(*shape),
+                               contract.outputs(*shape, self.vocab_size), self.context, f"{package.source}: {MODEL}",
+                               last_logits_only=manifest.get("logits") == "last")
         special = self.tokenizer.special
         self.bos_id, self.eos_ids, self.pad_id = special.bos, special.eos, special.pad
         # The model's vocabulary may be padded past the tokenizer's: those ids decode to nothing, never pick them.
         self.vocab_limit = min(self.tokenizer.get_vocab_size(), self.vocab_size)
         self.defaults = manifest["generation"]
-        self.last_logits_only = manifest.get("logits") == "last"
         self.kv_bytes_per_token = sum(math.prod(d for d in s.dims if isinstance(d, int)) * np.dtype(s.dtype).itemsize
-                                      for s in self.inputs[3:])  # the fixed axes: kv_heads × head_dim
+                                      for s in self.decoder.inputs[3:])  # the fixed axes: kv_heads × head_dim
 
     @classmethod
     def load(cls, path, threads: int | None = None) -> Generator:
@@ -118,7 +114,7 @@ class Generator:
         Options: max_new_tokens, temperature (0: greedy), top_k, top_p, repetition_penalty, seed, ignore_eos; the
         package's generation defaults fill in the rest. A bad request fails here, before any work."""
         (row,), steps, params, eos = self._request([prompt], **options)
-        return self._tokens(row, steps, Sampler(params, self.vocab_limit), eos)
+        return self.decoder.continuation(row, steps, Sampler(params, self.vocab_limit), eos)
 
     def stream(self, prompt: str | Sequence[int], **options) -> Iterator[str]:
         """The continuation as text pieces, each one final (a character split across tokens waits for its rest)."""
@@ -135,7 +131,7 @@ class Generator:
         rows, steps, params, eos = self._request(prompts, **options)
         new_ids: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
-        for step in self._decode(rows, steps, [Sampler(params, self.vocab_limit) for _ in rows]):
+        for step in self.decoder.decode(rows, steps, [Sampler(params, self.vocab_limit) for _ in rows], self.pad_id):
             for r, token in enumerate(step):
                 done[r] = done[r] or token in eos
                 if not done[r]:
@@ -149,14 +145,7 @@ class Generator:
         """Logits [batch, length, vocab] for the token after every prefix of each row of `windows` [batch, length],
         fed one token per step through the KV cache: what generation on the device computes, position by position
         (a package's graph may give the last position's logits only). For `spj-edge eval`."""
-        batch, length = windows.shape
-        forward = _Step(self, batch)
-        mask = np.ones((batch, length), np.int64)
-        logits = np.empty((batch, length, self.vocab_size), np.float32)
-        for t in range(length):
-            logits[:, t] = forward(np.ascontiguousarray(windows[:, t:t + 1], np.int64), mask[:, :t + 1],
-                                   np.full((batch, 1), t, np.int64))
-        return logits
+        return self.decoder.logits(windows, one_token_a_step=True)
 
     def describe(self) -> str:
         m = self.manifest
@@ -169,7 +158,7 @@ class Generator:
     def manifest(self) -> dict:
         return self.package.manifest
 
-    # --- the loop ---------------------------------------------------------------------------------------------------
+    # --- the request ------------------------------------------------------------------------------------------------
     def _request(self, prompts, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                  seed: int | None = None, ignore_eos: bool = False):
@@ -182,91 +171,6 @@ class Generator:
         params = SamplingParams(**{k: self.defaults[k] if v is None else v for k, v in given.items()}, seed=seed)
         steps = min(max_new_tokens, self.context - max(map(len, rows)))
         return rows, steps, params, frozenset() if ignore_eos else frozenset(self.eos_ids)
-
-    def _tokens(self, row: list[int], steps: int, sampler: Sampler, eos: frozenset[int]) -> Iterator[int]:
-        for (token,) in self._decode([row], steps, [sampler]):
-            if token in eos:
-                return
-            yield token
-
-    def _decode(self, rows: list[list[int]], steps: int, samplers: list[Sampler]) -> Iterator[list[int]]:
-        """Yield each step's next id per row, for `steps` steps or until the caller stops asking."""
-        if not steps:
-            return
-        batch, width = len(rows), max(map(len, rows))
-        ids = np.full((batch, width), self.pad_id, np.int64)
-        mask = np.ones((batch, width + steps), np.int64)  # the generated tokens are all real; the padding is not
-        for r, row in enumerate(rows):
-            ids[r, width - len(row):] = row
-            mask[r, :width - len(row)] = 0
-        positions = np.maximum(mask[:, :width].cumsum(axis=1) - 1, 0)
-        histories = [list(row) for row in rows]
-        forward = _Step(self, batch)
-        logits = forward(ids, mask[:, :width], positions)
-        token, position = np.empty((batch, 1), np.int64), positions[:, -1:] + 1
-        for step in range(steps):
-            if step:
-                logits = forward(token, mask[:, :width + step], position)
-                position += 1
-            for r, (sample, history) in enumerate(zip(samplers, histories)):
-                token[r, 0] = sample(logits[r], history)
-                history.append(int(token[r, 0]))
-            yield token[:, 0].tolist()
-
-
-class _Step:
-    """One generation's IOBinding: a forward step, after which the outputs `present.*` are bound as the inputs
-    `past_key_values.*` of the next step."""
-
-    def __init__(self, generator: Generator, batch: int, cache: Sequence[np.ndarray] | None = None):
-        self.session = generator.session
-        self.binding = generator.session.io_binding()
-        self.source = generator.package.source
-        # contract.inputs lists input_ids, attention_mask, position_ids, then the cache in the order of outputs[1:].
-        self.ids, self.mask, self.positions = (s.name for s in generator.inputs[:3])
-        self.past = [s.name for s in generator.inputs[3:]]
-        logits, *present = generator.outputs
-        # The first step reads an empty cache, or `cache`: one [batch, kv_heads, length, head_dim] array per past
-        # input, for a batch whose rows changed between steps (serve's continuous batching). Read in place.
-        if cache is None:
-            cache = [np.zeros(_shape(spec, batch, 0), spec.dtype) for spec in generator.inputs[3:]]
-        for name, value in zip(self.past, cache):
-            self.binding.bind_cpu_input(name, value)
-        # The output bound first comes first in get_outputs(); rebinding a name keeps its place.
-        if generator.last_logits_only:
-            self.logits = np.empty(_shape(logits, batch, 1), logits.dtype)
-            self.binding.bind_ortvalue_output(logits.name, ort.OrtValue.ortvalue_from_numpy(self.logits))
-            self.dynamic = [s.name for s in present]
-        else:
-            self.logits = None
-            self.dynamic = [logits.name, *(s.name for s in present)]
-
-    def __call__(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """The last position's logits, [batch, vocab]."""
-        binding = self.binding
-        binding.bind_cpu_input(self.ids, ids)
-        binding.bind_cpu_input(self.mask, np.ascontiguousarray(mask))  # a view, no copy, at batch 1
-        binding.bind_cpu_input(self.positions, positions)
-        for name in self.dynamic:  # their shapes change every step: onnxruntime allocates them anew
-            binding.bind_output(name)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as e:  # onnxruntime's own exception types, with multi-line messages
-            raise SPJError(f"{self.source}: onnxruntime failed running {MODEL} "
-                           f"({str(e).splitlines()[0][:200]})") from None
-        logits, *present = binding.get_outputs()
-        for name, value in zip(self.past, present):
-            binding.bind_ortvalue_input(name, value)
-        return (logits.numpy() if self.logits is None else self.logits)[:, -1]
-
-    def cache(self) -> list[np.ndarray]:
-        """After a step: the cache the next step reads, as arrays in the order of the past inputs."""
-        return [value.numpy() for value in self.binding.get_outputs()[1:]]
-
-
-def _shape(spec: contract.TensorSpec, batch: int, length: int) -> tuple[int, ...]:
-    """The spec's shape with its batch axis `batch` and its other dynamic axis `length`."""
-    return tuple(batch if d == contract.BATCH else length if isinstance(d, str) else d for d in spec.dims)
 
 
 def text_pieces(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
@@ -366,13 +270,10 @@ def _session(package: Package, threads: int) -> ort.InferenceSession:
     if threads > THREADS_PER_CORE * cores():
         raise SPJError(f"threads must be ≤ {THREADS_PER_CORE * cores()} ({THREADS_PER_CORE} per core of the "
                        f"{cores()} here), got {threads}")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: warnings would break the one-line output of the CLI
     # From a path, onnxruntime maps the weights file and uses it in place: one copy of the model in memory.
     model = package.files[MODEL] if package.model_folder is None else str(package.model_folder / MODEL)
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        return open_session(model, threads)
     except Exception as e:  # onnxruntime's own exception types, with multi-line messages
         raise SPJError(f"{package.source}: onnxruntime {ort.__version__} cannot load {MODEL} "
                        f"({str(e).splitlines()[0][:200]})") from None

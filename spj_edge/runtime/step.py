@@ -1,0 +1,175 @@
+"""The one step loop for any graph of the ONNX contract (contract.py): what the device runtime generates with, and what
+the toolchain's export check, quantizer, eval of an export and speed figures run (spj_edge.onnx_lm opens a graph for
+them). Torch-free: the runtime imports it.
+
+A Step is one generation's IOBinding. The cache never leaves onnxruntime: each step's `present.*` outputs are OrtValues
+that the binding binds as the next step's `past_key_values.*` inputs, with no copy through numpy. The small inputs (ids,
+mask, positions) are numpy buffers bound in place, and a graph that computes the last position's logits only (a
+package's, `"logits": "last"` in spj.json) writes them into one buffer that lives for the whole generation.
+"""
+from __future__ import annotations
+
+from typing import Collection, Iterator, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .. import contract
+from ..errors import SPJError
+from ..sampling import Sampler
+
+
+def open_session(model: bytes | str, threads: int) -> ort.InferenceSession:
+    """A CPU session of `model` (a path, or the graph's bytes); threads 0 is onnxruntime's default."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: warnings (a quantized graph's notices) would break one-line output
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def unpadded_inputs(ids: np.ndarray, cached: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask and position_ids for the rows `ids` [batch, n] after `cached` positions, no row
+    padded."""
+    batch, n = ids.shape
+    positions = np.tile(np.arange(cached, cached + n, dtype=np.int64), (batch, 1))
+    return np.asarray(ids, np.int64), np.ones((batch, cached + n), np.int64), positions
+
+
+class Decoder:
+    """An onnxruntime session of a graph of the contract, and the loops that step it: generation (`decode`,
+    `continuation`) and teacher forcing (`logits`). One Decoder serves any number of threads at once: each Step has
+    its own binding and cache."""
+
+    def __init__(self, session: ort.InferenceSession, inputs: list[contract.TensorSpec],
+                 outputs: list[contract.TensorSpec], context: int, where: str, last_logits_only: bool = False):
+        """`inputs` and `outputs` are contract.inputs and contract.outputs for the graph's shape; `where` names the
+        graph in errors; `last_logits_only`: the graph's logits are the last position's, [batch, 1, vocab]."""
+        self.session, self.inputs, self.outputs = session, inputs, outputs
+        self.context, self.where, self.last_logits_only = context, where, last_logits_only
+
+    def step(self, batch: int, cache: Sequence[np.ndarray] | None = None, extra_outputs: Sequence[str] = ()) -> Step:
+        return Step(self, batch, cache, extra_outputs)
+
+    def decode(self, rows: list[list[int]], steps: int, samplers: list[Sampler], pad_id: int = 0
+               ) -> Iterator[list[int]]:
+        """Yield each step's next id per row, for `steps` steps or until the caller stops asking: the prompts `rows`
+        (left-padded with `pad_id` to the longest, masked) in one step, then one id a row a step through the cache."""
+        if not steps:
+            return
+        batch, width = len(rows), max(map(len, rows))
+        ids = np.full((batch, width), pad_id, np.int64)
+        mask = np.ones((batch, width + steps), np.int64)  # the generated tokens are all real; the padding is not
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = row
+            mask[r, :width - len(row)] = 0
+        positions = np.maximum(mask[:, :width].cumsum(axis=1) - 1, 0)
+        histories = [list(row) for row in rows]
+        forward = self.step(batch)
+        logits = forward(ids, mask[:, :width], positions)
+        token, position = np.empty((batch, 1), np.int64), positions[:, -1:] + 1
+        for step in range(steps):
+            if step:
+                logits = forward(token, mask[:, :width + step], position)
+                position += 1
+            for r, (sample, history) in enumerate(zip(samplers, histories)):
+                token[r, 0] = sample(logits[r, -1], history)
+                history.append(int(token[r, 0]))
+            yield token[:, 0].tolist()
+
+    def continuation(self, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler, eos: Collection[int] = ()
+                     ) -> Iterator[int]:
+        """The new ids after `prompt_ids` (batch 1), for `max_new_tokens` or to the end of the context, ending before
+        an id of `eos`."""
+        steps = min(max_new_tokens, self.context - len(prompt_ids))
+        for (token,) in self.decode([prompt_ids], steps, [sampler]):
+            if token in eos:
+                return
+            yield token
+
+    def logits(self, windows: np.ndarray, one_token_a_step: bool = False) -> np.ndarray:
+        """Logits [batch, length, vocab] for the token after every prefix of each row of `windows` [batch, length],
+        from an empty cache: the whole windows in one step, or one token a step through the cache as generation
+        computes them (the only way for a graph that gives the last position's logits only)."""
+        step = self.step(len(windows))
+        if not one_token_a_step:
+            return step.extend(windows)
+        spec = self.outputs[0]
+        logits = np.empty(_shape(spec, *windows.shape), spec.dtype)
+        for t in range(windows.shape[1]):  # each into place: a sliced graph's step overwrites the same buffer
+            logits[:, t] = step.extend(windows[:, t:t + 1])[:, -1]
+        return logits
+
+    def window_logits(self, window: np.ndarray) -> np.ndarray:
+        """Logits [length, vocab] for every position of one token window: what the quantizer's gate scores."""
+        return self.logits(window[None])[0]
+
+
+class Step:
+    """One generation's IOBinding: a forward step, after which the outputs `present.*` are bound as the inputs
+    `past_key_values.*` of the next step."""
+
+    def __init__(self, decoder: Decoder, batch: int, cache: Sequence[np.ndarray] | None = None,
+                 extra_outputs: Sequence[str] = ()):
+        """The first step reads an empty cache, or `cache`: one [batch, kv_heads, length, head_dim] array per past
+        input, for a batch whose rows changed between steps (serve's continuous batching), read in place.
+        `extra_outputs`: graph outputs besides the contract's that each step fetches too (see `values`)."""
+        self.session, self.where = decoder.session, decoder.where
+        self.binding = decoder.session.io_binding()
+        # contract.inputs lists input_ids, attention_mask, position_ids, then the cache in the order of outputs[1:].
+        self.ids, self.mask, self.positions = (s.name for s in decoder.inputs[:3])
+        self.past = [s.name for s in decoder.inputs[3:]]
+        if cache is None:
+            cache = [np.zeros(_shape(spec, batch, 0), spec.dtype) for spec in decoder.inputs[3:]]
+        for name, value in zip(self.past, cache):
+            self.binding.bind_cpu_input(name, value)
+        self.cached = cache[0].shape[2]  # positions the cache holds: `extend` continues after them
+        # The output bound first comes first in get_outputs(); rebinding a name keeps its place. An extra output may
+        # be the contract's too (the fused graph's LM head MatMul writes `logits`): bound once.
+        logits = decoder.outputs[0]
+        self.output_names = list(dict.fromkeys([s.name for s in decoder.outputs] + list(extra_outputs)))
+        if decoder.last_logits_only:
+            self.logits = np.empty(_shape(logits, batch, 1), logits.dtype)
+            self.binding.bind_ortvalue_output(logits.name, ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self.dynamic = self.output_names[1:]
+        else:
+            self.logits = None
+            self.dynamic = self.output_names
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Logits [batch, sequence, vocab] for `ids` [batch, sequence] after the cached positions (sequence 1 where the
+        graph gives the last position's only: one buffer, which the next step overwrites). `mask` covers the cached
+        positions and `ids`."""
+        binding = self.binding
+        # bound in place, so in C order: no copy for those that are already (a mask's slice at batch 1 is)
+        binding.bind_cpu_input(self.ids, np.ascontiguousarray(ids))
+        binding.bind_cpu_input(self.mask, np.ascontiguousarray(mask))
+        binding.bind_cpu_input(self.positions, np.ascontiguousarray(positions))
+        for name in self.dynamic:  # their shapes change every step: onnxruntime allocates them anew
+            binding.bind_output(name)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as e:  # onnxruntime's own exception types, with multi-line messages
+            raise SPJError(f"{self.where}: onnxruntime failed ({str(e).splitlines()[0][:200]})") from None
+        logits, *present = binding.get_outputs()
+        for name, value in zip(self.past, present):
+            binding.bind_ortvalue_input(name, value)
+        self.cached = mask.shape[1]
+        return logits.numpy() if self.logits is None else self.logits
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Logits for the rows `ids` [batch, n] after the cached positions, no row padded."""
+        return self(*unpadded_inputs(ids, self.cached))
+
+    def cache(self) -> list[np.ndarray]:
+        """After a step: the cache the next step reads, as arrays in the order of the past inputs."""
+        return [value.numpy() for value in self.binding.get_outputs()[1:1 + len(self.past)]]
+
+    def values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
+        """After a step: the outputs `names` (the contract's or the extra ones), as arrays."""
+        outputs = dict(zip(self.output_names, self.binding.get_outputs()))
+        return {name: outputs[name].numpy() for name in names}
+
+
+def _shape(spec: contract.TensorSpec, batch: int, length: int) -> tuple[int, ...]:
+    """The spec's shape with its batch axis `batch` and its other dynamic axis `length`."""
+    return tuple(batch if d == contract.BATCH else length if isinstance(d, str) else d for d in spec.dims)
