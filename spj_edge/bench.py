@@ -10,7 +10,8 @@ round-robin, so that a slow moment of the machine hits every model rather than o
 tokens, EOS ignored, batch 1. Each kind is timed the way it runs:
   - a package (a directory with spj.json, or its .tar.gz) through spj_edge.runtime, what the device runs
     (spj_edge.runtime.speed: prompt ms = the request to the first new token, tokens/s = the steps after it);
-  - an ONNX export directory (model.onnx, its config in the graph) through the plain numpy loop of spj_edge.onnx_lm;
+  - an ONNX export directory (model.onnx, its config in the graph) through spj_edge.onnx_lm: the runtime's step loop,
+    each forward step timed alone;
   - a PyTorch checkpoint (`torch_checkpoints`) through the KV-cached loop of spj_edge.generate, timed as a package.
 
 The roofline. A decode step at batch 1 computes little per weight: each weight is read once and used for one
@@ -77,7 +78,7 @@ SETTLE_S = 0.2
 MAX_SPREAD = 1.25
 EXPECTED = ("an ONNX export directory (model.onnx) or a package (a directory with spj.json, "
             "or its .tar.gz)")
-KINDS = {"torch": ("o", "PyTorch checkpoint"), "onnx": ("s", "ONNX export (numpy loop)"),
+KINDS = {"torch": ("o", "PyTorch checkpoint"), "onnx": ("s", "ONNX export (forward steps)"),
          "package": ("D", "package (spj_edge.runtime)")}  # marker and legend entry of each kind on the chart
 
 

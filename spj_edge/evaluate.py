@@ -64,7 +64,7 @@ class CheckpointScorer:
 
 
 class ExportScorer:
-    """An `spj-edge export` or `spj-edge quantize` directory, through the plain numpy loop of onnx_lm."""
+    """An `spj-edge export` or `spj-edge quantize` directory, through the runtime's step loop (onnx_lm opens it)."""
 
     def __init__(self, export: ExportArtifact):
         from .onnx_lm import OnnxLM
@@ -81,9 +81,7 @@ class ExportScorer:
         return np.stack([self.lm.window_logits(w) for w in windows])
 
     def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos_ids: tuple[int, ...]) -> list[int]:
-        # onnx_lm stops at one EOS id: run past them all and cut at the first (the ids before it are the same)
-        ids = self.lm.greedy(prompt_ids, new_tokens, sampler, None)
-        return ids[:next((n for n, i in enumerate(ids) if i in eos_ids), len(ids))]
+        return list(self.lm.continuation(prompt_ids, new_tokens, sampler, eos_ids))
 
 
 class PackageScorer:

@@ -166,13 +166,14 @@ def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_i
     with torch.no_grad():
         # prefill from an empty past, then decode one token at a time through both caches
         ids = np.array([prompt_ids], np.int64)
-        ort_logits, ort_past = onnx_lm.step(ids, onnx_lm.empty_past(1))
+        ort_step = onnx_lm.step(1)
+        ort_logits = ort_step.extend(ids)
         torch_logits, torch_past = model(torch.from_numpy(ids))
         compare("prefill", ort_logits, torch_logits.numpy(), len(prompt_ids))
         report["decode_max_abs_diff"] = 0.0
         for step in range(decode_steps):
             token = np.array([[int(torch_logits[0, -1].argmax())]])
-            ort_logits, ort_past = onnx_lm.step(token, ort_past)
+            ort_logits = ort_step.extend(token)
             torch_logits, torch_past = model(torch.from_numpy(token), past_key_values=torch_past)
             compare("decode", ort_logits, torch_logits.numpy(), len(prompt_ids) + step + 1)
         report["decode_steps"] = decode_steps
@@ -183,10 +184,10 @@ def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_i
         ids = np.array([prompt_ids, [cfg.pad_token_id] * pad + short], np.int64)
         mask = np.ones_like(ids)
         mask[1, :pad] = 0
-        ort_past, torch_past = onnx_lm.empty_past(2), None
+        ort_step, torch_past = onnx_lm.step(2), None
         for _ in range(min(4, room)):
             positions = positions_from_mask(torch.from_numpy(mask), ids.shape[1]).numpy()
-            ort_logits, ort_past = onnx_lm(ids, mask, positions, ort_past)
+            ort_logits = ort_step(ids, mask, positions)
             torch_logits, torch_past = model(torch.from_numpy(ids), torch.from_numpy(mask),
                                              torch.from_numpy(positions), torch_past)
             real = mask[:, -ids.shape[1]:].astype(bool)
@@ -197,14 +198,14 @@ def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_i
         # a long prompt of real text in one step: the longest sums, the rotary table far from position 0
         if long_prompt_ids:
             ids = np.array([long_prompt_ids], np.int64)
-            ort_logits, _ = onnx_lm.step(ids, onnx_lm.empty_past(1))
+            ort_logits = onnx_lm.logits(ids)
             compare("long_prefill", ort_logits, model(torch.from_numpy(ids))[0].numpy(), len(long_prompt_ids))
             report["long_prefill_tokens"] = len(long_prompt_ids)
 
-        # greedy continuation: PyTorch's reference loop against a plain ONNX loop
+        # greedy continuation: PyTorch's reference loop against the runtime's
         greedy = Sampler(SamplingParams(temperature=0.0), cfg.vocab_size)
         reference = list(generate_ids(model, prompt_ids, continuation, greedy, eos_id=None))
-        produced = onnx_lm.greedy(prompt_ids, continuation, greedy, eos=None)
+        produced = list(onnx_lm.continuation(prompt_ids, continuation, greedy))
         report["greedy_tokens"] = continuation
         report["greedy_identical"] = produced == reference
         if not report["greedy_identical"]:

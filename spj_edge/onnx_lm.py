@@ -1,6 +1,6 @@
-"""A plain numpy driver for any graph of the ONNX contract: what the export checks, the quantizer's calibration and
-accuracy gate, eval of an export and the speed figures run on. Torch-free. (The device runtime has its own loop, with
-IOBinding.)"""
+"""The toolchain's way into a graph of the ONNX contract (an export, or a quantizer's candidate): opened by path or as
+bytes with the model's config, and stepped by the device runtime's own loop (spj_edge.runtime.step). What the export
+check, the quantizer's calibration and accuracy gate, eval of an export and the speed figures run on. Torch-free."""
 from __future__ import annotations
 
 import statistics
@@ -8,79 +8,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from . import contract
+from .runtime.step import Decoder, open_session
 
 
-class OnnxLM:
+class OnnxLM(Decoder):
     def __init__(self, model: bytes | str | Path, config, threads: int = 0):
         """`config` is an SPJConfig (or anything with its shape fields); threads 0 is onnxruntime's default. A graph
-        may have more outputs than the contract's (the quantizer's statistics read intermediate tensors): steps
-        return the contract's."""
+        may have more outputs than the contract's (the quantizer's statistics read intermediate tensors): a step
+        fetches those it is given as `extra_outputs`."""
         self.config = config
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3  # the quantized graphs' "hardware specific optimization" notices
-        source = str(model) if isinstance(model, Path) else model
-        self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        layers = range(config.num_hidden_layers)
-        self.output_names = ["logits", *(contract.present_name(i, kind) for i in layers for kind in ("key", "value"))]
-
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        c = self.config
-        return [np.zeros((batch, c.num_key_value_heads, 0, c.head_dim), np.float32)
-                for _ in range(2 * c.num_hidden_layers)]
-
-    def feed(self, input_ids, attention_mask, position_ids, past: list[np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
-        for i in range(self.config.num_hidden_layers):
-            feed[contract.past_name(i, "key")], feed[contract.past_name(i, "value")] = past[2 * i], past[2 * i + 1]
-        return feed
-
-    def __call__(self, input_ids, attention_mask, position_ids, past: list[np.ndarray]):
-        """logits and the present cache (as the next step's past)."""
-        logits, *present = self.session.run(self.output_names,
-                                            self.feed(input_ids, attention_mask, position_ids, past))
-        return logits, present
-
-    @staticmethod
-    def step_inputs(ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids, attention_mask and position_ids for batch-1 `ids` that follow the tokens in `past`."""
-        start = past[0].shape[2]
-        length = start + ids.shape[1]
-        return ids, np.ones((1, length), np.int64), np.arange(start, length)[None]
-
-    def step(self, ids: np.ndarray, past: list[np.ndarray]):
-        """Batch 1, no padding: logits and presents for `ids` after the tokens in `past`."""
-        return self(*self.step_inputs(ids, past), past)
-
-    def window_logits(self, window: np.ndarray) -> np.ndarray:
-        """Logits [len, vocab] for every position of a token window, from an empty past."""
-        logits, _ = self.step(window[None].astype(np.int64), self.empty_past(1))
-        return logits[0]
-
-    def greedy(self, prompt_ids: list[int], new_tokens: int, sampler, eos: int | None) -> list[int]:
-        """The new ids after `prompt_ids` (batch 1): the prompt in one step, then one token a step through the cache,
-        for `new_tokens` steps or to the end of the context, stopping before `eos`. `sampler`: a sampling.Sampler."""
-        history, past = list(prompt_ids), self.empty_past(1)
-        ids = np.array([prompt_ids], np.int64)
-        for _ in range(min(new_tokens, self.config.max_position_embeddings - len(prompt_ids))):
-            logits, past = self.step(ids, past)
-            token = sampler(logits[0, -1], history)
-            if token == eos:
-                break
-            history.append(token)
-            ids = np.array([[token]], np.int64)
-        return history[len(prompt_ids):]
+        shape = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        in_memory = isinstance(model, bytes)
+        super().__init__(open_session(model if in_memory else str(model), threads), contract.inputs(*shape),
+                         contract.outputs(*shape, config.vocab_size), config.max_position_embeddings,
+                         "a graph in memory" if in_memory else str(model))
 
     def decode_rate(self, prompt_len: int, new_tokens: int, rng: np.random.Generator) -> tuple[float, float]:
-        """(prompt ms, decode tokens/s) of one greedy generation from a random prompt, batch 1."""
+        """(prompt ms, decode tokens/s) of one greedy generation from a random prompt, batch 1: the forward steps
+        alone are timed."""
         ids = rng.integers(3, self.config.vocab_size, (1, prompt_len))
-        past, timings = self.empty_past(1), []
+        step, timings = self.step(1), []
         for _ in range(new_tokens + 1):
             start = time.perf_counter()
-            logits, past = self.step(ids, past)
+            logits = step.extend(ids)
             timings.append(time.perf_counter() - start)
             ids = logits[:, -1:].argmax(-1)
         return timings[0] * 1000, new_tokens / sum(timings[1:])

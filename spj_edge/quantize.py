@@ -48,6 +48,7 @@ from .errors import SPJError
 from .metrics import SCORED_WINDOW, Figures, figures, top1_agreement
 from .options import CALIBRATION_DECODE, CALIBRATION_PREFILL, QuantizeOptions
 from .onnx_lm import OnnxLM, measure_speed
+from .runtime.step import unpadded_inputs
 from .outputs import check_output, scratch_dir, staged_dir, write_json, write_onnx
 from .tables import print_summary
 from .tokenizer import save_tokenizer_files, token_byte_lengths
@@ -121,14 +122,11 @@ def calibration_steps(window: np.ndarray) -> list[np.ndarray]:
 def calibration_activations(float_lm: OnnxLM, windows: list[np.ndarray], names: list[str]):
     """{name: value} of the tensors `names` (outputs of `float_lm`'s graph besides the contract's) at every
     calibration step, the float model building each sample's cache as it goes: one pass, nothing kept."""
-    layers = float_lm.config.num_hidden_layers
     for window in tqdm(windows, desc="calibration", unit="sample", leave=False):
-        past = float_lm.empty_past(1)
+        step = float_lm.step(1, extra_outputs=names)
         for ids in calibration_steps(window):
-            _, *outputs = float_lm.session.run(float_lm.output_names + names,
-                                               float_lm.feed(*float_lm.step_inputs(ids[None], past), past))
-            past = outputs[:2 * layers]
-            yield dict(zip(names, outputs[2 * layers:]))
+            step.extend(ids[None])
+            yield step.values(names)
 
 
 class KVCacheCalibration(CalibrationDataReader):
@@ -147,18 +145,18 @@ class KVCacheCalibration(CalibrationDataReader):
         self.rewind()
 
     def _final_cache(self, window: np.ndarray) -> list[np.ndarray]:
-        past = self.float_lm.empty_past(1)
+        step = self.float_lm.step(1)
         for ids in calibration_steps(window)[:-1]:  # the last step's past is all the feeds need
-            _, past = self.float_lm.step(ids[None], past)
-        return past
+            step.extend(ids[None])
+        return step.cache()
 
     def _feeds(self):
-        lm = self.float_lm
+        names = [s.name for s in self.float_lm.inputs]
         for window, cache in self.samples:
             length = 0
             for ids in calibration_steps(window):
                 past = [np.ascontiguousarray(c[:, :, :length]) for c in cache]
-                yield lm.feed(*lm.step_inputs(ids[None], past), past)
+                yield dict(zip(names, (*unpadded_inputs(ids[None], length), *past)))
                 length += len(ids)
 
     def get_next(self):
@@ -411,9 +409,9 @@ def sensitivity_order(float_model: ExportArtifact, quantized: Path, window: np.n
 
     def values(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
         names = [t for t in tensors if t in {o for n in proto.graph.node for o in n.output}]
-        lm = exposing(proto, names, float_model.config)
-        past = lm.empty_past(1)
-        return dict(zip(names, lm.session.run(names, lm.feed(*lm.step_inputs(window[None], past), past))))
+        step = exposing(proto, names, float_model.config).step(1, extra_outputs=names)
+        step.extend(window[None])
+        return step.values(names)
 
     reference, candidate = values(float_model.proto), values(onnx.load(str(quantized)))
     error = {tensors[t]: float(np.linalg.norm(candidate[t] - reference[t]) / (np.linalg.norm(reference[t]) + 1e-12))

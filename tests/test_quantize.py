@@ -117,13 +117,15 @@ def test_calibration_feeds_prefill_then_decode_with_the_real_cache(exports):
     feeds = list(iter(KVCacheCalibration(lm, [window]).get_next, None))
     assert len(feeds) == 1 + DECODE
     assert feeds[0]["input_ids"].shape == (1, PREFILL) and feeds[0]["past_key_values.0.key"].shape[2] == 0
-    _, past = lm.step(window[None, :PREFILL], lm.empty_past(1))
+    step = lm.step(1)
+    step.extend(window[None, :PREFILL])
     for k, feed in enumerate(feeds[1:6]):
+        past = step.cache()
         assert feed["input_ids"].tolist() == [[window[PREFILL + k]]]
         assert feed["position_ids"].tolist() == [[PREFILL + k]] and feed["attention_mask"].shape == (1, PREFILL + k + 1)
         np.testing.assert_array_equal(feed["past_key_values.1.value"], past[3])
         assert np.abs(past[3]).max() > 0
-        _, past = lm.step(feed["input_ids"], past)
+        step.extend(feed["input_ids"])
 
 
 @pytest.mark.parametrize("case", ["empty-dir", "no-text", "binary", "corrupt-onnx", "foreign-onnx", "little-text"])
