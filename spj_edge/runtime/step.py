@@ -151,7 +151,7 @@ class Step:
         except Exception as e:  # onnxruntime's own exception types, with multi-line messages
             raise SPJError(f"{self.where}: onnxruntime failed ({str(e).splitlines()[0][:200]})") from None
         logits, *present = binding.get_outputs()
-        for name, value in zip(self.past, present):
+        for name, value in zip(self.past, present):  # the extra outputs, after the presents, are left out
             binding.bind_ortvalue_input(name, value)
         self.cached = mask.shape[1]
         return logits.numpy() if self.logits is None else self.logits
