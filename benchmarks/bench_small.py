@@ -3,7 +3,7 @@ memory of each package's own process, size, and the share of the memory-bandwidt
 
     .venv/bin/python benchmarks/bench_small.py --preset small --modes static dynamic --chart bench_small.png
 
-What benchmarks/quantize_speed.py adds to this: thread counts, and the plain numpy loop instead of the runtime.
+What benchmarks/quantize_speed.py adds to this: thread counts, and forward steps alone instead of the runtime.
 Random weights (speed does not depend on them), so the int8 models are written with --force: their accuracy gate is
 meaningless here and measured on trained models by the demo. The table goes to stderr, the figures to stdout as JSON.
 """

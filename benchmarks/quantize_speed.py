@@ -4,7 +4,7 @@
 
 Random weights make the accuracy gate meaningless, so the models are written with --force; quality targets are
 measured on trained models (the demo and `spj-edge quantize`'s own report). Speeds: batch 1, 32-token prompt,
-128 new tokens, the plain onnxruntime loop of spj_edge.onnx_lm, repetitions interleaved, median.
+128 new tokens, forward steps alone through spj_edge.onnx_lm (no sampling), repetitions interleaved, median.
 """
 from __future__ import annotations
 
