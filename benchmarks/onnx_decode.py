@@ -1,4 +1,4 @@
-"""Plain vs fused ONNX graphs: node count, file size, export time and decode speed, forward steps alone (spj_edge.onnx_lm).
+"""Plain vs fused ONNX graphs: node count, file size, export time and decode speed (forward steps, onnx_lm).
 
     .venv/bin/python benchmarks/onnx_decode.py --preset small --prompt 32 --new 128 --repetitions 5
 
