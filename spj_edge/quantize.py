@@ -622,7 +622,8 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
                    f"{figures['top1_agreement_confident']:.2%} where float32 is confident "
                    f"({figures['top1_agreement']:.2%} overall), KL {figures['kl']:.4f}: "
                    f"{'fails the gate' if failures else 'passes'}")
-        return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit), on_grid)
+        return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit),
+                       {n: bits for n, bits in on_grid.items() if n in nodes})
 
     float_kept = plan.kept if plan and recipe.mode == "static" else {}
     outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **float_kept})

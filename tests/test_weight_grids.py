@@ -122,12 +122,13 @@ def test_int4_of_an_imported_gguf_keeps_its_grids_and_packages(tmp_path):
     import_gguf(gguf, tmp_path / "ckpt")
     run("export", "--model", tmp_path / "ckpt", "--out", tmp_path / "onnx")
     ud = SHARED_DATA / "corpus" / "ud"
+    kept = "/layers.0/mlp/down_proj/MatMul"  # on a grid, but kept in float when asked: not reported on it
     run("quantize", "--model", tmp_path / "onnx", "--out", tmp_path / "int4", "--mode", "int4", "--force",
-        "--calib", ud / "en_ewt_dev.txt", "--eval", ud / "en_ewt_test.txt")
+        "--calib", ud / "en_ewt_dev.txt", "--eval", ud / "en_ewt_test.txt", "--exclude", kept)
     report = json.loads((tmp_path / "int4" / "report.json").read_text())
     assert report["on_grid"] == {"/layers.0/self_attn/o_proj/MatMul": 4, "/layers.1/self_attn/o_proj/MatMul": 4,
-                                 "/layers.0/mlp/down_proj/MatMul": 8, "/layers.1/mlp/down_proj/MatMul": 8,
-                                 "/lm_head/MatMul": 4}
+                                 "/layers.1/mlp/down_proj/MatMul": 8, "/lm_head/MatMul": 4}
+    assert kept in report["excluded"] and kept in report["executed"]["float_weight_matmuls"]
 
     float_weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph.initializer}
     float_graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
