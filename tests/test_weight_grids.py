@@ -1,6 +1,6 @@
 """Weights block-quantized already (a GGUF's) are found on their grid and written as MatMulNBits without a second
 rounding: the grids of gguf's own quantizer and a K-quant-like one are recovered, float weights are on none, the
-written graph computes the grid's weights, and int4 of an imported GGUF keeps them (weight_grids.py)."""
+written graph computes the grid's weights, and (slow) int4 of an imported GGUF keeps them (weight_grids.py)."""
 from __future__ import annotations
 
 import json
@@ -113,6 +113,7 @@ def run(*args) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow  # import, export, quantize and package of a 49,152-token vocabulary: 40 s of the fast tier's budget
 def test_int4_of_an_imported_gguf_keeps_its_grids_and_packages(tmp_path):
     """The tiny GGUF with a Q4_1 embedding (so the tied LM head needs the block-sum correction, which the package's
     last-position slice must feed too): its Q4_1 and Q8_0 MatMuls keep their grid exactly; F16 ones (fused with
