@@ -178,13 +178,19 @@ def _remove_abandoned_folders() -> None:
 
 
 def _running(pid: int) -> bool:
+    """Whether `pid` is a live process: a killed one that its parent has not reaped yet (a zombie) still answers
+    kill(pid, 0) but will never remove its folder."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's
         return True
-    return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS), or gone meanwhile
+        return True
+    return state != "Z"
 
 
 def _remove_pinned(path: Path, descriptors: list[int]) -> None:
