@@ -126,7 +126,7 @@ def write(proto: onnx.ModelProto, matmuls: list[str], accuracy_level: int) -> No
     for name in matmuls:
         node = next(n for n in graph.node if n.name == name)
         weight = numpy_helper.to_array(weights[node.input[1]])
-        grid = find(weight)
+        grid = find(weight)  # found again rather than kept from find_all: a whole model's codes would be held meanwhile
         k, n = weight.shape
         scope = name.rsplit("/", 1)[0]
         stem = node.input[1]
