@@ -44,7 +44,8 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     assert [p.name for p in tmp_path.iterdir()] == ["int8"], "nothing is written outside --out"
     report = json.loads((out / "report.json").read_text())
     gate = report["gate"]
-    assert gate["passed"] and gate["top1_agreement"] >= 0.95 and gate["bits_per_byte_increase"] <= 0.02
+    # overall agreement counts near-ties that either rounding may flip; the whole distribution is held to KL instead
+    assert gate["passed"] and gate["kl"] < 0.01 and gate["bits_per_byte_increase"] <= 0.01
     assert gate["positions"] > 1000
     # every weight MatMul the plan quantizes runs as an int8 kernel in the graph ONNX Runtime executes, and only those
     # it kept in float (named, with the reason) run in float
