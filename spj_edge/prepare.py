@@ -23,6 +23,7 @@ import concurrent.futures
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -61,12 +62,13 @@ def is_prepared(path: str | os.PathLike) -> bool:
 _worker_tokenizer: TextTokenizer | None = None
 
 
-def _start_worker(tokenizer: str) -> None:
+def _start_worker(tokenizer: str, encoder: str) -> None:
     # One thread a worker, set before tokenizers builds its thread pool: --workers says how many cores tokenize
     # (tokenizers' batch encoding would take them all in every worker).
     os.environ["RAYON_NUM_THREADS"] = "1"
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer)
+    _worker_tokenizer.use_document_encoder(encoder)
 
 
 def _tokenize(texts: list[str], val_fraction: float, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -293,15 +295,19 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
             print(f"prepare: continuing {out} from its checkpoint ({position.file} of {len(files)} files done)",
                   file=sys.stderr)
 
+        # The encoder is chosen here on the first chunk, so that it is the same whatever --workers.
+        chunks = _chunks(_documents(files, position, sources, bad))
+        first = next(chunks, None)
+        encoder = text_tokenizer.choose_document_encoder(first[2] if first else [])
+        chunks = itertools.chain([first] if first else [], chunks)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or locks inherited
         # Shown after 2 s (bad input found at once stays one line); in a log file, a line every 15 s.
         bar = tqdm(total=len(files), initial=position.file, desc="prepare", unit="file", dynamic_ncols=True, delay=2,
                    mininterval=0.2 if sys.stderr.isatty() else 15)
         with (bar, _on_interrupt(out),
               concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_start_worker,
-                                                     initargs=(str(tokenizer),)) as pool):
+                                                     initargs=(str(tokenizer), encoder)) as pool):
             pending: list = []  # (position after the chunk, its sources, the worker's future), in input order
-            chunks = _chunks(_documents(files, position, sources, bad))
             while True:
                 while len(pending) < 2 * options.workers and (chunk := next(chunks, None)) is not None:
                     after, chunk_sources, texts = chunk
@@ -330,7 +336,7 @@ def prepare(data: list, tokenizer: str | Path, out: str | Path, options: Prepare
         seconds = time.perf_counter() - started
         report = {"stage": "prepare", "data": [str(p) for p in data], "files": len(files), "text_bytes": text_bytes,
                   "seconds": round(seconds, 2), "mb_per_s": text_bytes / 1e6 / seconds if seconds else None,
-                  "workers": options.workers, "bad_records": bad.report(), **index,
+                  "workers": options.workers, "encoder": encoder, "bad_records": bad.report(), **index,
                   "peak_rss_mb": {"main": _peak_rss_mb(resource.RUSAGE_SELF),
                                   "workers": _peak_rss_mb(resource.RUSAGE_CHILDREN)}}
         with staged_dir(out) as tmp:
@@ -362,7 +368,7 @@ def _print_summary(out: Path, report: dict) -> None:
                                     f"{len(figures['shards'])} shards")
             for source, splits in report["sources"].items() for split, figures in splits.items()]
     rows += [("text", f"{report['text_bytes'] / 1e6:,.1f} MB in {report['seconds']:.1f} s "
-                      f"({report['mb_per_s']:.1f} MB/s, {report['workers']} workers)"),
+                      f"({report['mb_per_s']:.1f} MB/s, {report['workers']} workers, {report['encoder']})"),
              ("bad records skipped", report["bad_records"]["total"]),
              ("peak memory", f"{report['peak_rss_mb']['main']:,.0f} MB (main), "
                              f"{report['peak_rss_mb']['workers']:,.0f} MB (largest worker)")]

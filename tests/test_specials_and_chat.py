@@ -23,8 +23,10 @@ from spj_edge.options import EvalOptions, QuantizeOptions
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.sampling import Sampler, SamplingParams
+from spj_edge.tiktoken_bpe import TiktokenBPE
 from spj_edge.tokenizer import TEXT_FILES, load_tokenizer, train_tokenizer
 from test_runtime import BLOCKER, runtime_cli
+from test_tiktoken_bpe import corpus_documents, encoded_by_tokenizers
 
 CONVERSATIONS = [
     CONVERSATION,
@@ -92,6 +94,17 @@ def test_prompt_ids_are_transformers_without_bos_for_smollm2(tokenizer, hf, text
     assert tokenizer.encode_prompt(text, 10**6) == hf(text).input_ids
     if text == "The capital of France is":
         assert hf(text).input_ids == [504, 3575, 282, 4649, 314]
+
+
+def test_documents_are_encoded_by_tiktoken_with_the_ids_of_tokenizers(files):
+    """SmolLM2's vocabulary lacks some bytes that text holds (0x04, the first of U+40000…U+BFFFF), which `tokenizers`
+    drops: documents with one are left to it."""
+    tokenizer, documents = load_tokenizer(files / "tokenizer.json"), corpus_documents()
+    assert TiktokenBPE.of(tokenizer.backend).needs_backend.findall("a\x04b\U00050000c") == ["\x04", "\U00050000"]
+    assert tokenizer.choose_document_encoder(documents) == "tiktoken"
+    encoded = tokenizer.encode_documents(documents)
+    assert encoded == encoded_by_tokenizers(tokenizer, documents)
+    assert all(d[-1] == IM_END and IM_END not in d[:-1] and END_OF_TEXT not in d for d in encoded)
 
 
 def test_add_bos_token_and_a_template_in_tokenizer_config_as_transformers_reads_them(files, tmp_path):
