@@ -11,7 +11,7 @@ reproduces or that changes no id, and raises NotConvertible for any other:
 - pre-tokenizer: ByteLevel with GPT-2's regex and no prefix space, that after Digits(individual_digits) (SmolLM2's:
   one regex does both), or a Split(regex, isolated) then ByteLevel without its regex (Llama 3's);
 - post-processor: none, ByteLevel (offsets only), TemplateProcessing (ids before and after the text), or a Sequence
-  of those;
+  of ByteLevel and at most one TemplateProcessing;
 - added tokens: special ones only, which TextTokenizer has `tokenizers` encode as text as tiktoken does
   (specials_as_text); a non-special one is split out of the text by `tokenizers`.
 
@@ -88,19 +88,20 @@ class TiktokenBPE:
             raise NotConvertible("special tokens matched in the text")
         if split_out := [t["content"] for t in spec["added_tokens"] if not t["special"]]:
             raise NotConvertible(f"added tokens that are not special, split out of the text ({split_out[0]!r}, …)")
+        split = _split_regex(spec["pre_tokenizer"])
+        before, after = _frame(spec["post_processor"])
         vocab = model["vocab"]
+        needs_backend = _lacking_characters({b for c, b in BYTE_OF_CHAR.items() if c not in vocab})
         merged = _merged_tokens(vocab, model["merges"])
         ranks = {bytes([b]): vocab[c] for c, b in BYTE_OF_CHAR.items() if c in vocab}
         ranks.update((token_bytes(token), i) for token, i in merged.items())
         try:
-            encoding = tiktoken.Encoding(f"spj-edge-{len(ranks)}", pat_str=_split_regex(spec["pre_tokenizer"]),
-                                         mergeable_ranks=ranks, special_tokens={})
+            encoding = tiktoken.Encoding(f"spj-edge-{len(ranks)}", pat_str=split, mergeable_ranks=ranks,
+                                         special_tokens={})
         except ValueError as e:  # fancy-regex refuses the pattern
             raise NotConvertible(f"tiktoken refuses it ({e})") from None
         _check_tokens_whole(backend.model, merged)
-        before, after = _frame(spec["post_processor"])
-        lacking = {b for c, b in BYTE_OF_CHAR.items() if c not in vocab}
-        return cls(backend, encoding, before, after, _lacking_characters(lacking))
+        return cls(backend, encoding, before, after, needs_backend)
 
     def encode_batch(self, documents: list[str]) -> list[list[int]]:
         return [self.backend.encode(d).ids if self.needs_backend and self.needs_backend.search(d)
@@ -170,22 +171,21 @@ def _split_regex(pre_tokenizer: dict | None) -> str:
 def _frame(post_processor: dict | None) -> tuple[list[int], list[int]]:
     """The ids the post-processor puts before and after a text's."""
     steps = (post_processor or {}).get("processors", [post_processor] if post_processor else [])
-    before, after = [], []
-    for step in steps:
-        if step.get("type") == "ByteLevel":  # offsets only
-            continue
-        if step.get("type") != "TemplateProcessing":
-            raise NotConvertible(f"post-processor {step.get('type')}")
-        pieces = step["single"]
-        texts = [n for n, p in enumerate(pieces) if "Sequence" in p]
-        if [pieces[n]["Sequence"]["id"] for n in texts] != ["A"]:
-            raise NotConvertible("a template that is not one text between special tokens")
+    steps = [step for step in steps if step["type"] != "ByteLevel"]  # it moves offsets only
+    if not steps:
+        return [], []
+    if len(steps) > 1 or steps[0]["type"] != "TemplateProcessing":
+        raise NotConvertible(f"post-processor {' then '.join(step['type'] for step in steps)}")
+    template = steps[0]
+    pieces = template["single"]
+    sequences = [n for n, piece in enumerate(pieces) if "Sequence" in piece]
+    if [pieces[n]["Sequence"]["id"] for n in sequences] != ["A"]:
+        raise NotConvertible("a template that is not one text between special tokens")
 
-        def ids(part: list[dict]) -> list[int]:
-            return [i for p in part for i in step["special_tokens"][p["SpecialToken"]["id"]]["ids"]]
+    def ids(part: list[dict]) -> list[int]:
+        return [i for piece in part for i in template["special_tokens"][piece["SpecialToken"]["id"]]["ids"]]
 
-        before, after = before + ids(pieces[:texts[0]]), ids(pieces[texts[0] + 1:]) + after
-    return before, after
+    return ids(pieces[:sequences[0]]), ids(pieces[sequences[0] + 1:])
 
 
 def _lacking_characters(lacking: set[int]) -> re.Pattern | None:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from conftest import SHAKESPEARE, UD
 from spj_edge.data import split_documents
@@ -63,6 +63,18 @@ def test_the_first_call_chooses_the_encoder(ours):
     assert tokenizer.document_encoder is None
     tokenizer.encode_documents(["Some text."])
     assert tokenizer.document_encoder == "tiktoken"
+
+
+def test_a_template_with_ids_after_the_text(ours):
+    backend = Tokenizer.from_file(str(ours))
+    backend.post_processor = processors.Sequence([
+        processors.ByteLevel(), processors.TemplateProcessing(single="<|pad|> <|bos|> $A <|eos|>", special_tokens=[
+            ("<|pad|>", 0), ("<|bos|>", 1), ("<|eos|>", 2)])])
+    tokenizer, documents = TextTokenizer.of(backend), corpus_documents()[::10]
+    assert tokenizer.choose_document_encoder(documents) == "tiktoken"
+    encoded = tokenizer.encode_documents(documents)
+    assert encoded == encoded_by_tokenizers(tokenizer, documents)
+    assert all(d[:2] == [0, 1] and d[-2:] == [2, 2] for d in encoded)
 
 
 @pytest.mark.parametrize("change, reason", [
