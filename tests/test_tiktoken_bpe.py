@@ -83,7 +83,7 @@ def test_a_template_with_ids_after_the_text(ours):
                                              "use_regex": True}), "pre-tokenizer"),
     (lambda spec: spec["model"]["merges"].insert(5, spec["model"]["merges"].pop(40)), "merge 6 .* not above"),
     (lambda spec: spec["model"].update(ignore_merges=True), "ignore_merges"),
-    (lambda spec: spec["added_tokens"].append({**spec["added_tokens"][0], "id": 2047, "content": "plain",
+    (lambda spec: spec["added_tokens"].append({**spec["added_tokens"][0], "id": 2048, "content": "plain",
                                                "special": False}), "not special"),
 ])
 def test_a_tokenizer_tiktoken_does_not_reproduce_stays_on_tokenizers(ours, change, reason):
