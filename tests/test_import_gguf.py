@@ -2,7 +2,8 @@
 reference: its dequantization, its q/k un-permutation, its tokenizer from the same metadata).
 
 Fast tier: a tiny 2-layer Llama written here with gguf's GGUFWriter (Q8_0, Q4_1, F16 and F32 tensors) carrying the
-real SmolLM2 vocabulary, merges, special tokens and chat template. Slow tier: the real SmolLM2-135M-Instruct Q4_1 file.
+first 8,192 tokens of the real SmolLM2 vocabulary with the merges among them, its special tokens and chat template.
+Slow tier: the real SmolLM2-135M-Instruct Q4_1 file, its whole vocabulary included.
 """
 import functools
 import json
@@ -24,7 +25,10 @@ TINY = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, context=512)
 # Each tensor kind in another type, so that every dequantizer the real file needs (and F16) is exercised.
 TYPES = {"token_embd": "Q8_0", "attn_q": "F16", "attn_k": "Q4_1", "attn_v": "Q8_0", "attn_output": "Q4_1",
          "ffn_gate": "Q4_1", "ffn_up": "F16", "ffn_down": "Q8_0"}
-SMALL_VOCABULARY = 1024  # write_tiny_gguf's for the refusals: a tenth of the seconds SmolLM2's 49,152 tokens take
+# SmolLM2's 49,152 tokens cost the fixture three parses of the GGUF by gguf's reader (ours and transformers' model
+# and tokenizer), 15-25 s of the fast tier; the whole vocabulary is checked against transformers in the slow tier
+VOCABULARY = 8192
+SMALL_VOCABULARY = 1024  # for the refusals, whose cause is elsewhere
 CONVERSATION = [{"role": "user", "content": "Combien font 12 et 30 ?"}, {"role": "assistant", "content": "42."},
                 {"role": "user", "content": "我们明天见？"}]
 
@@ -141,7 +145,7 @@ def imported(tmp_path_factory):
     """The tiny GGUF, its import, and transformers' model and tokenizer read from the GGUF itself."""
     directory = tmp_path_factory.mktemp("gguf")
     gguf = directory / "tiny.gguf"
-    originals = write_tiny_gguf(gguf)
+    originals = write_tiny_gguf(gguf, vocabulary=VOCABULARY)
     report = import_gguf(gguf, directory / "ckpt")
     reference = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf.name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf.name)
@@ -153,7 +157,7 @@ def test_the_checkpoint_has_hugging_face_files(imported):
     assert {p.name for p in ckpt.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                                  "tokenizer_config.json", "generation_config.json", "report.json"}
     config = json.loads((ckpt / "config.json").read_text())
-    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["vocab_size"]) == (2, 2, 49152)
+    assert (config["num_hidden_layers"], config["num_key_value_heads"], config["vocab_size"]) == (2, 2, VOCABULARY)
     assert config["tie_word_embeddings"] is True and config["rope_theta"] == 1e5
     assert report["tensor_types"] == {"F32": 5, "Q4_1": 6, "Q8_0": 5, "F16": 4}
     assert len(report["source_sha256"]) == 64 and report["import_s"] > 0
@@ -272,8 +276,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(imported, tmp_path, case):
 @pytest.mark.slow
 def test_the_real_smollm2_gguf(tmp_path):
     """SmolLM2-135M-Instruct Q4_1 (98 MB): imported (about 20 s and 1.2 GB peak on 2 cores), its logits on a chat prompt
-    against transformers' GGUF loader, its export passing its own checks, and 20 greedy tokens as transformers'
-    generate picks them."""
+    against transformers' GGUF loader, its export passing its own checks, 20 greedy tokens as transformers'
+    generate picks them, and its whole vocabulary encoding real text as transformers' tokenizer from the file does."""
     started = time.perf_counter()
     report = import_gguf(REAL_GGUF, tmp_path / "ckpt")
     print(f"import of {REAL_GGUF.name}: {time.perf_counter() - started:.1f} s")
@@ -300,6 +304,13 @@ def test_the_real_smollm2_gguf(tmp_path):
     expected = reference.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
                                   eos_token_id=None, pad_token_id=2)[0, len(ids):].tolist()
     assert produced == expected, (tokenizer.decode(produced), tokenizer.decode(expected))
+
+    from tokenizers import Tokenizer  # the whole vocabulary (the fast tier's GGUF has its first tokens only)
+
+    ours = Tokenizer.from_file(str(tmp_path / "ckpt" / "tokenizer.json"))
+    theirs = AutoTokenizer.from_pretrained(REAL_GGUF.parent, gguf_file=REAL_GGUF.name)
+    for name, text in real_texts().items():
+        assert ours.encode(text).ids == theirs.encode(text, add_special_tokens=True), name
 
     from spj_edge.export import export
 
