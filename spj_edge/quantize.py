@@ -11,7 +11,7 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
   template is also calibrated on conversations in it.
 - A real LM's outlier channels are smoothed into the weights, and what int8 would still break stays float, both
   decided from the calibration statistics (smoothquant.py).
-- Settings per CPU come from a target profile (exporters/*.json): u8s8 everywhere, 7-bit weights on x86 without VNNI.
+- Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).
 - int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
   channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
   and the LM head if 4 bits fail the gate, get 8-bit MatMulNBits weights instead. Weights that are block-quantized

@@ -253,6 +253,7 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
 
 
+@pytest.mark.slow  # every stage end to end in one process, as the demo is
 def test_every_verb_writes_only_its_output(built, tmp_path):
     """In a fresh process whose working directory, HOME and TMPDIR are empty folders of their own: afterwards they
     are still empty, the inputs are unchanged, and the output folder holds the outputs and nothing else."""
