@@ -164,9 +164,10 @@ def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_i
         tolerances[check] = max(tolerances.get(check, 0.0), logit_tolerance(cfg, torch_logits, attended))
 
     with torch.no_grad():
-        # prefill from an empty past, then decode one token at a time through both caches
+        # prefill from an empty past, then decode one token at a time through both caches; with the capacity known,
+        # as the runtime decodes (one cache buffer written in place, where the graph can)
         ids = np.array([prompt_ids], np.int64)
-        ort_step = onnx_lm.step(1)
+        ort_step = onnx_lm.step(1, capacity=len(prompt_ids) + decode_steps)
         ort_logits = ort_step.extend(ids)
         torch_logits, torch_past = model(torch.from_numpy(ids))
         compare("prefill", ort_logits, torch_logits.numpy(), len(prompt_ids))
@@ -184,7 +185,7 @@ def verify(graph: Path, model: Transformer, prompt_ids: list[int], long_prompt_i
         ids = np.array([prompt_ids, [cfg.pad_token_id] * pad + short], np.int64)
         mask = np.ones_like(ids)
         mask[1, :pad] = 0
-        ort_step, torch_past = onnx_lm.step(2), None
+        ort_step, torch_past = onnx_lm.step(2, capacity=len(prompt_ids) + 3), None
         for _ in range(min(4, room)):
             positions = positions_from_mask(torch.from_numpy(mask), ids.shape[1]).numpy()
             ort_logits = ort_step(ids, mask, positions)

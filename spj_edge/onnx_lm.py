@@ -29,7 +29,7 @@ class OnnxLM(Decoder):
         """(prompt ms, decode tokens/s) of one greedy generation from a random prompt, batch 1: the forward steps
         alone are timed."""
         ids = rng.integers(3, self.config.vocab_size, (1, prompt_len))
-        step, timings = self.step(1), []
+        step, timings = self.step(1, capacity=prompt_len + new_tokens), []
         for _ in range(new_tokens + 1):
             start = time.perf_counter()
             logits = step.extend(ids)

@@ -10,10 +10,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import EXPORT_REPORTS, assert_one_line_error, cli, logit_bound
+from spj_edge.artifact import open_export
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.errors import SPJError
 from spj_edge.export import export_plain, logit_tolerance, verify
 from spj_edge.model import positions_from_mask
+from spj_edge.onnx_lm import OnnxLM
 from spj_edge.outputs import MARKER
 
 GRAPHS = ["plain", "fused"]
@@ -75,6 +77,8 @@ def test_graph_names_lm_head_metadata_and_checker(exported):
     assert "embed_tokens.weight" in initializers, "the embedding stays a Gather table of its own"
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["spj.opset"] == "17" and meta["spj.graph"] == kind and meta["spj.quantization"] == "none"
+    # what tells the step loop that the attention can write the cache in place (the plain graph's Concat cannot)
+    assert OnnxLM(out / "model.onnx", open_export(out).config).shares_cache == (kind == "fused")
     assert json.loads(meta["spj.config"])["num_key_value_heads"] == 2
     assert meta["spj.source_sha256"] == report["source_sha256"]
     assert {p.name for p in out.iterdir()} == {"model.onnx", "tokenizer.json", "config.json", "report.json", MARKER}

@@ -10,6 +10,7 @@ from spj_edge.errors import SPJError
 from spj_edge.config import SPJConfig
 from spj_edge.model import Transformer, positions_from_mask
 from spj_edge.onnx_fused import FUSED_OPSETS, build_fused_model
+from spj_edge.onnx_lm import OnnxLM
 
 CFG = SPJConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=2, max_position_embeddings=64)
@@ -87,6 +88,39 @@ def test_multi_token_steps_on_a_cache_match_pytorch_at_batch_1(graph, model):
     worst = compare_generation(session(graph), model, steps=[6, 4, 1, 3], batch=1)
     assert worst["logits"] <= TOL, worst
     assert worst["present"] <= TOL, worst
+
+
+def test_decoding_into_one_cache_buffer_matches_pytorch_and_writes_it_in_place(graph, model):
+    """The runtime's way: each layer's cache one buffer, bound as its past and its present, that GroupQueryAttention
+    writes the new positions into; a left-padded batch, prompt then single tokens, against PyTorch."""
+    tagged = onnx.ModelProto()
+    tagged.CopyFrom(graph)
+    tagged.metadata_props.add(key="spj.graph", value="fused")  # as export writes it: what says the graph can share
+    lm = OnnxLM(tagged.SerializeToString(), CFG)
+    assert lm.shares_cache
+    steps, batch, pad = [12] + [1] * 8, 2, 5
+    step = lm.step(batch, capacity=sum(steps))
+    ids = torch.randint(3, CFG.vocab_size, (batch, sum(steps)), generator=torch.Generator().manual_seed(2))
+    mask, torch_past, done, worst = torch.ones(batch, 0, dtype=torch.long), None, 0, 0.0
+    for n in steps:
+        mask = torch.cat((mask, torch.ones(batch, n, dtype=torch.long)), dim=1)
+        mask[-1, :pad] = 0
+        positions = positions_from_mask(mask, n)
+        logits = step(ids[:, done:done + n].numpy(), mask.numpy(), positions.numpy())
+        with torch.no_grad():
+            expected, torch_past = model(ids[:, done:done + n], mask, positions, torch_past)
+        worst = max(worst, np.abs(logits - expected.numpy())[mask[:, -n:].bool().numpy()].max())
+        done += n
+    assert worst <= TOL
+    # no present was allocated: the outputs are the buffers bound as the pasts, and they hold PyTorch's cache
+    presents = step.binding.get_outputs()[1:]
+    assert [p.data_ptr() for p in presents] == [b.ctypes.data for b in step.buffers]
+    real = mask.bool().numpy()
+    for cache, expected in zip(step.cache(), (kv for layer in torch_past for kv in layer)):
+        assert cache.shape == tuple(expected.shape)
+        assert np.abs(cache - expected.numpy()).transpose(0, 2, 1, 3)[real].max() <= TOL
+    with pytest.raises(SPJError, match=f"past the {sum(steps)} its cache was made for"):
+        step.extend(ids[:, :1].numpy())
 
 
 def test_io_follows_the_contract(graph):

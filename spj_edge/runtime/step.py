@@ -3,9 +3,14 @@ the toolchain's export check, quantizer, eval of an export and speed figures run
 them). Torch-free: the runtime imports it.
 
 A Step is one generation's IOBinding. The cache never leaves onnxruntime: each step's `present.*` outputs are OrtValues
-that the binding binds as the next step's `past_key_values.*` inputs, with no copy through numpy. The small inputs (ids,
-mask, positions) are numpy buffers bound in place, and a graph that computes the last position's logits only (a
-package's, `"logits": "last"` in spj.json) writes them into one buffer that lives for the whole generation.
+that the binding binds as the next step's `past_key_values.*` inputs, with no copy through numpy. Where the graph's
+attention is GroupQueryAttention (a fused export, `spj.graph` "fused" in its metadata) and the step knows how long the
+generation will be, each layer's cache is instead one buffer of that length bound as both its past input and its present
+output: GroupQueryAttention then writes the new positions into it in place (onnxruntime-genai's
+`past_present_share_buffer`), where otherwise every step zeroes and copies the whole cache into a new present. The
+small inputs (ids, mask, positions) are numpy buffers bound in place, and a graph that computes the last position's
+logits only (a package's, `"logits": "last"` in spj.json) writes them into one buffer that lives for the whole
+generation.
 """
 from __future__ import annotations
 
@@ -46,9 +51,12 @@ class Decoder:
         graph in errors; `last_logits_only`: the graph's logits are the last position's, [batch, 1, vocab]."""
         self.session, self.inputs, self.outputs = session, inputs, outputs
         self.context, self.where, self.last_logits_only = context, where, last_logits_only
+        # The plain graph's attention concatenates past and new positions into a new tensor: it cannot share.
+        self.shares_cache = session.get_modelmeta().custom_metadata_map.get("spj.graph") == "fused"
 
-    def step(self, batch: int, cache: Sequence[np.ndarray] | None = None, extra_outputs: Sequence[str] = ()) -> Step:
-        return Step(self, batch, cache, extra_outputs)
+    def step(self, batch: int, cache: Sequence[np.ndarray] | None = None, extra_outputs: Sequence[str] = (),
+             capacity: int | None = None) -> Step:
+        return Step(self, batch, cache, extra_outputs, capacity)
 
     def decode(self, rows: list[list[int]], steps: int, samplers: list[Sampler], pad_id: int = 0
                ) -> Iterator[list[int]]:
@@ -64,7 +72,7 @@ class Decoder:
             mask[r, :width - len(row)] = 0
         positions = np.maximum(mask[:, :width].cumsum(axis=1) - 1, 0)
         histories = [list(row) for row in rows]
-        forward = self.step(batch)
+        forward = self.step(batch, capacity=width + steps)
         logits = forward(ids, mask[:, :width], positions)
         token, position = np.empty((batch, 1), np.int64), positions[:, -1:] + 1
         for step in range(steps):
@@ -90,9 +98,9 @@ class Decoder:
         """Logits [batch, length, vocab] for the token after every prefix of each row of `windows` [batch, length],
         from an empty cache: the whole windows in one step, or one token a step through the cache as generation
         computes them (the only way for a graph that gives the last position's logits only)."""
-        step = self.step(len(windows))
         if not one_token_a_step:
-            return step.extend(windows)
+            return self.step(len(windows)).extend(windows)
+        step = self.step(len(windows), capacity=windows.shape[1])
         spec = self.outputs[0]
         logits = np.empty(_shape(spec, *windows.shape), spec.dtype)
         for t in range(windows.shape[1]):  # each into place: a sliced graph's step overwrites the same buffer
@@ -109,51 +117,75 @@ class Step:
     `past_key_values.*` of the next step."""
 
     def __init__(self, decoder: Decoder, batch: int, cache: Sequence[np.ndarray] | None = None,
-                 extra_outputs: Sequence[str] = ()):
+                 extra_outputs: Sequence[str] = (), capacity: int | None = None):
         """The first step reads an empty cache, or `cache`: one [batch, kv_heads, length, head_dim] array per past
         input, for a batch whose rows changed between steps (serve's continuous batching), read in place.
-        `extra_outputs`: graph outputs besides the contract's that each step fetches too (see `values`)."""
+        `extra_outputs`: graph outputs besides the contract's that each step fetches too (see `values`).
+        `capacity`: the most positions the steps will cache, where known: a graph that can (Decoder.shares_cache)
+        then keeps the cache in buffers of that length, written in place."""
         self.session, self.where = decoder.session, decoder.where
         self.binding = decoder.session.io_binding()
         # contract.inputs lists input_ids, attention_mask, position_ids, then the cache in the order of outputs[1:].
         self.ids, self.mask, self.positions = (s.name for s in decoder.inputs[:3])
         self.past = [s.name for s in decoder.inputs[3:]]
+        past_specs = decoder.inputs[3:]
         if cache is None:
-            cache = [np.zeros(_shape(spec, batch, 0), spec.dtype) for spec in decoder.inputs[3:]]
-        for name, value in zip(self.past, cache):
-            self.binding.bind_cpu_input(name, value)
+            cache = [np.zeros(_shape(spec, batch, 0), spec.dtype) for spec in past_specs]
         self.cached = cache[0].shape[2]  # positions the cache holds: `extend` continues after them
+        self.capacity = capacity if decoder.shares_cache and capacity is not None else None
         # The output bound first comes first in get_outputs(); rebinding a name keeps its place. An extra output may
         # be the contract's too (the fused graph's LM head MatMul writes `logits`): bound once.
         logits = decoder.outputs[0]
         self.output_names = list(dict.fromkeys([s.name for s in decoder.outputs] + list(extra_outputs)))
+        # self.dynamic: the outputs onnxruntime allocates anew each step (their shapes change), bound again before each
         if decoder.last_logits_only:
             self.logits = np.empty(_shape(logits, batch, 1), logits.dtype)
             self.binding.bind_ortvalue_output(logits.name, ort.OrtValue.ortvalue_from_numpy(self.logits))
-            self.dynamic = self.output_names[1:]
+            self.dynamic = []
         else:
             self.logits = None
-            self.dynamic = self.output_names
+            self.binding.bind_output(logits.name)
+            self.dynamic = [logits.name]
+        presents, extras = self.output_names[1:1 + len(self.past)], self.output_names[1 + len(self.past):]
+        if self.capacity is None:
+            for name, value in zip(self.past, cache):
+                self.binding.bind_cpu_input(name, value)
+            self.dynamic += presents
+        else:
+            # zeros: pages past the positions written are never touched, so they cost no memory
+            self.buffers = [np.zeros(_shape(spec, batch, self.capacity), spec.dtype) for spec in past_specs]
+            for name, present, buffer, prefix in zip(self.past, presents, self.buffers, cache):
+                buffer[:, :, :self.cached] = prefix
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                self.binding.bind_ortvalue_input(name, value)
+                self.binding.bind_ortvalue_output(present, value)
+        self.dynamic += extras
 
     def __call__(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Logits [batch, sequence, vocab] for `ids` [batch, sequence] after the cached positions (sequence 1 where the
         graph gives the last position's only: one buffer, which the next step overwrites). `mask` covers the cached
         positions and `ids`."""
         binding = self.binding
+        if self.capacity is not None and mask.shape[1] > self.capacity:
+            raise SPJError(f"{self.where}: a step to {mask.shape[1]} positions, past the {self.capacity} its cache "
+                           "was made for")
         # bound in place, so in C order: no copy for those that are already (a mask's slice at batch 1 is)
         binding.bind_cpu_input(self.ids, np.ascontiguousarray(ids))
         binding.bind_cpu_input(self.mask, np.ascontiguousarray(mask))
         binding.bind_cpu_input(self.positions, np.ascontiguousarray(positions))
-        for name in self.dynamic:  # their shapes change every step: onnxruntime allocates them anew
+        for name in self.dynamic:
             binding.bind_output(name)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as e:  # onnxruntime's own exception types, with multi-line messages
             raise SPJError(f"{self.where}: onnxruntime failed ({str(e).splitlines()[0][:200]})") from None
-        logits, *present = binding.get_outputs()
-        for name, value in zip(self.past, present):  # the extra outputs, after the presents, are left out
-            binding.bind_ortvalue_input(name, value)
         self.cached = mask.shape[1]
+        if self.capacity is not None and self.logits is not None:
+            return self.logits  # nothing to fetch: the cache and the logits were written in place
+        logits, *present = binding.get_outputs()
+        if self.capacity is None:
+            for name, value in zip(self.past, present):  # the extra outputs, after the presents, are left out
+                binding.bind_ortvalue_input(name, value)
         return logits.numpy() if self.logits is None else self.logits
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
@@ -162,6 +194,8 @@ class Step:
 
     def cache(self) -> list[np.ndarray]:
         """After a step: the cache the next step reads, as arrays in the order of the past inputs."""
+        if self.capacity is not None:
+            return [buffer[:, :, :self.cached].copy() for buffer in self.buffers]
         return [value.numpy() for value in self.binding.get_outputs()[1:1 + len(self.past)]]
 
     def values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
