@@ -1,4 +1,6 @@
 """The Python API, the sampler and `spj-edge generate`."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -35,6 +37,36 @@ def test_sampler_greedy_topk_seed_and_vocab_limit():
     assert {nucleus(logits) for _ in range(50)} == {1}, "top_p 0.5 keeps only the most likely of two close ids"
     penalised = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), 4)
     assert penalised(logits, history=[1]) == 2
+
+
+def reference_draw(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Temperature, top_k and top_p as written in the textbook: the whole vocabulary sorted, numpy's choice."""
+    scores = (logits.astype(np.float64) - logits.max()) / params.temperature
+    if params.top_k:
+        scores[scores < np.sort(scores)[-params.top_k]] = -np.inf
+    probs = np.exp(scores) / np.exp(scores).sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = order[:int(np.searchsorted(np.cumsum(probs[order]), params.top_p)) + 1]
+    kept = np.zeros_like(probs)
+    kept[keep] = probs[keep]
+    return int(rng.choice(len(probs), p=kept / kept.sum()))
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_p=0.95), SamplingParams(temperature=1.3),
+                                    SamplingParams(temperature=0.7, top_k=40, top_p=0.9),
+                                    SamplingParams(temperature=1.0, top_p=0.999)])
+def test_the_sampler_draws_what_a_whole_vocabulary_sort_draws(params):
+    """The sampler sorts only the most likely ids for top_p; peaked and flat distributions of a real vocabulary's size,
+    with ties at the top and everywhere, must give the draws of the whole sort."""
+    rng = np.random.default_rng(0)
+    sampler, reference = Sampler(dataclasses.replace(params, seed=5), 32000), np.random.default_rng(5)
+    for t in range(60):
+        logits = (rng.standard_normal(32000) * (0.3, 3.0, 12.0)[t % 3]).astype(np.float32)
+        if t % 4 == 1:
+            logits[rng.integers(0, 32000, 6)] = logits.max()
+        if t % 4 == 2:
+            logits = np.round(logits)
+        assert sampler(logits) == reference_draw(logits, params, reference), t
 
 
 @pytest.mark.parametrize("field, value", [("temperature", -1.0), ("top_p", 2.0), ("top_p", 0.0), ("top_k", -1),
