@@ -8,7 +8,6 @@ paths, in MB of text a second.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import pickle
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from spj_edge import prepare as stage
-from spj_edge.options import SourceOptions
+from spj_edge.options import PrepareOptions, SourceOptions
 from spj_edge.sources import BadRecords
 from spj_edge.tokenizer import load_tokenizer
 
@@ -49,15 +48,13 @@ def main() -> None:
         seconds = dict.fromkeys(STAGES, 0.0)
         with tempfile.TemporaryDirectory() as out:
             shards = stage.Shards(Path(out), np.dtype(np.uint16), 1 << 22)
-            for _, sources, texts in chunks:  # _tokenize's steps, timed one by one
+            for _, sources, texts in chunks:  # prepare._tokenize's steps, timed one by one
                 marks = [time.perf_counter()]
                 documents = tokenizer.encode_documents(texts)
                 marks.append(time.perf_counter())
-                lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-                ids = np.fromiter((i for d in documents for i in d), dtype=np.uint16, count=int(lengths.sum()))
+                ids, lengths = stage.end_to_end(documents, "uint16")
                 marks.append(time.perf_counter())
-                val = np.array([int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little")
-                                < 0.01 * 2 ** 64 for t in texts], dtype=bool)
+                val = stage.held_out([t.encode("utf-8") for t in texts], PrepareOptions().val_fraction)
                 marks.append(time.perf_counter())
                 pickle.loads(pickle.dumps((ids, lengths, val)))
                 marks.append(time.perf_counter())

@@ -74,14 +74,22 @@ def _start_worker(tokenizer: str, encoder: str) -> None:
 def _tokenize(texts: list[str], val_fraction: float, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """A chunk's documents: their framed ids end to end, each one's length, whether it is held out (module
     docstring), and the chunk's bytes of text."""
-    documents = _worker_tokenizer.encode_documents(texts)
-    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-    ids = np.fromiter((i for d in documents for i in d), dtype=dtype, count=int(lengths.sum()))
+    ids, lengths = end_to_end(_worker_tokenizer.encode_documents(texts), dtype)
     encoded = [t.encode("utf-8") for t in texts]
+    return ids, lengths, held_out(encoded, val_fraction), sum(map(len, encoded))
+
+
+def end_to_end(documents: list[list[int]], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' ids in one array of the shards' type, and each document's length."""
+    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
+    return np.fromiter((i for d in documents for i in d), dtype=dtype, count=int(lengths.sum())), lengths
+
+
+def held_out(encoded: list[bytes], val_fraction: float) -> np.ndarray:
+    """Which documents (their UTF-8 text) are held out: the module docstring's hash rule."""
     threshold = int(val_fraction * 2 ** 64)
-    val = np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") < threshold for b in encoded],
-                   dtype=bool)
-    return ids, lengths, val, sum(map(len, encoded))
+    return np.array([int.from_bytes(hashlib.blake2b(b, digest_size=8).digest(), "little") < threshold
+                     for b in encoded], dtype=bool)
 
 
 # --- the shards -------------------------------------------------------------------------------------------------------
