@@ -164,7 +164,7 @@ class Batcher:
 
     def _prefill(self, generation: Generation) -> Step:
         """The prompt's step, alone, as Generator.generate takes it, and its first id; the binding holding its cache."""
-        step = self.generator.decoder.step(1)
+        step = self.generator.decoder.step(1, capacity=len(generation.prompt) + generation.steps)
         logits = step.extend(np.array([generation.prompt], np.int64))
         generation.take(generation.sampler(logits[0, -1], generation.history))
         return step
@@ -191,7 +191,9 @@ class Batcher:
             parts.insert(0, [cache[kept] for cache in self.step.cache()])
         length = max(g.cached for g in rows)
         caches = [np.concatenate([_right_aligned(c, length) for c in same_input]) for same_input in zip(*parts)]
-        return rows, self.generator.decoder.step(len(rows), caches), length
+        # one position a step until the batch is regrouped, at the latest when its longest generation ends
+        capacity = length + max(g.steps - g.made for g in rows)
+        return rows, self.generator.decoder.step(len(rows), caches, capacity=capacity), length
 
 
 def _right_aligned(cache: np.ndarray, length: int) -> np.ndarray:
