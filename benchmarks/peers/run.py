@@ -208,14 +208,16 @@ def main():
     ap.add_argument("--torch", action="store_true", help="also transformers eager (slow to start)")
     ap.add_argument("--llama-extra-buffers", choices=["auto", "on", "off"], default="auto",
                     help="llama.cpp's AMX/repacked weight buffers (auto: off where the CPU has AMX, which crashes here)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where the tables go (default %(default)s; a folder per CPU keeps each machine's figures)")
     args = ap.parse_args()
     os.environ["PEERS_LLAMA_EXTRA_BUFFERS"] = args.llama_extra_buffers
-    RESULTS.mkdir(exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
     for model in args.models:
         result = benchmark(model, args)
-        (RESULTS / f"{model}.json").write_text(json.dumps(result, indent=1) + "\n")
-        (RESULTS / f"{model}.md").write_text(markdown(result, args.threads))
-        chart(result, args.threads, RESULTS / f"{model}.svg")
+        (args.results / f"{model}.json").write_text(json.dumps(result, indent=1) + "\n")
+        (args.results / f"{model}.md").write_text(markdown(result, args.threads))
+        chart(result, args.threads, args.results / f"{model}.svg")
         print(markdown(result, args.threads))
 
 
