@@ -9,8 +9,10 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
 - Calibration feeds prefill steps AND single-token decode steps with the real, growing KV cache of the float model:
   calibrating on prefills with an empty past leaves the decode-time activations out of range. A model with a chat
   template is also calibrated on conversations in it.
-- A real LM's outlier channels are smoothed into the weights, and what int8 would still break stays float, both
-  decided from the calibration statistics (smoothquant.py).
+- A real LM's outlier channels are smoothed into the weights, and a MatMul whose output static int8 would still
+  break (its activations' one scale too coarse: SmolLM2's down_proj) gets 8-bit block weights instead, MatMulNBits
+  rounding its activations to int8 per block of 32 as it runs, as llama.cpp's Q8_0 does; both decided from the
+  calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
 - Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).
 - int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
   channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
@@ -28,6 +30,7 @@ import logging
 import platform
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -283,40 +286,53 @@ class Recipe:
 def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                    calibration: KVCacheCalibration | None, activation_ranges: Path | None,
                    eight_bit: list[str] = (), on_grid: list[str] = ()) -> None:
-    """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them");
-    int4 gives those of them in `eight_bit` 8-bit weights, and writes those in `on_grid` on their own grid.
-    Static mode takes its activation ranges from `activation_ranges` (onnxruntime's own calibration cache format);
-    without them (the --op-types experiments, which quantize more than weight MatMuls) onnxruntime's min/max
-    calibrator runs on the feeds."""
+    """`nodes`: the weight MatMuls to quantize, never empty (onnxruntime reads an empty list as "all of them"), those
+    of them in `eight_bit` as 8-bit MatMulNBits (int4, and static int8's MatMuls whose per-tensor activations int8
+    would break), those in `on_grid` (int4) on their own grid. Static mode takes its activation ranges from
+    `activation_ranges` (onnxruntime's own calibration cache format); without them (the --op-types experiments, which
+    quantize more than weight MatMuls) onnxruntime's min/max calibrator runs on the feeds."""
     p, options = recipe.profile, recipe.options
     if recipe.mode == "static":
+        static = [n for n in nodes if n not in eight_bit]
         if activation_ranges is None:
             calibration.rewind()
-        quantize_static(
-            str(source), str(target), calibration if activation_ranges is None else None, quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(options.op_types) if options.op_types else None,
-            nodes_to_quantize=nodes if options.op_types == ("MatMul",) else None,
-            per_channel=recipe.per_channel, reduce_range=p.reduce_range,
-            activation_type=QUANT_TYPES[p.activation_type], weight_type=QUANT_TYPES[p.weight_type],
-            calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=activation_ranges and str(activation_ranges),
-            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})  # float out: MatMulIntegerToFloat
+        if static:
+            quantize_static(
+                str(source), str(target), calibration if activation_ranges is None else None,
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(options.op_types) if options.op_types else None,
+                nodes_to_quantize=static if options.op_types == ("MatMul",) else None,
+                per_channel=recipe.per_channel, reduce_range=p.reduce_range,
+                activation_type=QUANT_TYPES[p.activation_type], weight_type=QUANT_TYPES[p.weight_type],
+                calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=activation_ranges and str(activation_ranges),
+                extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})  # float out: MatMulIntegerToFloat
+        chosen = [n for n in nodes if n in eight_bit]
+        if chosen:
+            onnx.save(block_quantized(onnx.load(str(target if static else source)), chosen, 8, options), str(target))
     elif recipe.mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=recipe.per_channel, reduce_range=p.reduce_range,
                          weight_type=QUANT_TYPES[p.weight_type], extra_options={"MatMulConstBOnly": True})
     else:
         model = onnx.load(str(source))
-        every = weight_matmuls(model)
         rounded = [n for n in nodes if n not in on_grid]
         for bits, chosen in ((4, [n for n in rounded if n not in eight_bit]), (8, [n for n in rounded if n in eight_bit])):
-            if chosen:  # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
-                quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
-                                                 accuracy_level=options.accuracy_level,
-                                                 nodes_to_exclude=[n for n in every if n not in chosen])
-                quantizer.process()
-                model = quantizer.model.model
+            if chosen:
+                model = block_quantized(model, chosen, bits, options)
         weight_grids.write(model, [n for n in nodes if n in on_grid], options.accuracy_level)
         onnx.save(model, str(target))
+
+
+def block_quantized(model: onnx.ModelProto, chosen: list[str], bits: int, options: QuantizeOptions) -> onnx.ModelProto:
+    """The weight MatMuls `chosen` as MatMulNBits: symmetric `bits`-bit weights with a scale per block of
+    --block-size inputs, computed at --accuracy-level (4: the activations rounded to int8 per block as the kernel
+    runs, as llama.cpp's Q8_0 does)."""
+    # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
+                                     accuracy_level=options.accuracy_level,
+                                     nodes_to_exclude=[n for n in weight_matmuls(model) if n not in chosen])
+    quantizer.process()
+    return quantizer.model.model
 
 
 def quantize_embedding(path: Path) -> bool:
@@ -600,7 +616,7 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
     if statistics is not None:
         plan, source, activation_ranges = scaling_plan(float_model, statistics, recipe, matmuls, tmp, on_grid)
         del statistics
-    eight_bit = dict(plan.kept) if plan and recipe.mode == "int4" else {}
+    eight_bit = dict(plan.kept) if plan else {}
     candidate = tmp / "model.onnx"
     attempts = 0
 
@@ -625,8 +641,7 @@ def gated_attempts(float_model: ExportArtifact, calib_set: list[np.ndarray], eva
         return Outcome(candidate, figures, failures, excluded, nodes, plan, dict(eight_bit),
                        {n: bits for n, bits in on_grid.items() if n in nodes})
 
-    float_kept = plan.kept if plan and recipe.mode == "static" else {}
-    outcome = attempt({**{n: "excluded by --exclude" for n in options.exclude}, **float_kept})
+    outcome = attempt({n: "excluded by --exclude" for n in options.exclude})
     if (outcome.failures and options.mode == "int4" and HEAD in outcome.quantized
             and HEAD not in eight_bit and HEAD not in on_grid):
         eight_bit[HEAD] = "a 4-bit LM head broke the accuracy gate"
@@ -663,8 +678,8 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
                      "per_channel": recipe.per_channel, "reduce_range": profile.reduce_range,
                      "activation_type": profile.activation_type if mode == "static" else None,
                      "weight_type": "int4" if mode == "int4" else profile.weight_type,
-                     "block_size": options.block_size if mode == "int4" else None,
-                     "accuracy_level": options.accuracy_level if mode == "int4" else None,
+                     "block_size": options.block_size if mode == "int4" or outcome.eight_bit else None,
+                     "accuracy_level": options.accuracy_level if mode == "int4" or outcome.eight_bit else None,
                      "calibration_samples": calibration_samples,
                      "scaling": None if mode == "dynamic" else (
                          f"{'AWQ' if mode == 'int4' else 'SmoothQuant'}, alpha "
@@ -713,7 +728,9 @@ def print_report(report: dict, model_dir: Path, out: Path) -> None:
         rows.append(("kept on their grid", f"{len(report['on_grid'])} MatMuls, their weights block-quantized already "
                      f"({' and '.join(f'{b}-bit' for b in bits)})"))
     if report["eight_bit"]:
-        rows.append(("8-bit weights", ", ".join(report["eight_bit"])))
+        kinds = Counter(name.split("/")[-2] for name in report["eight_bit"])  # /layers.3/mlp/down_proj/MatMul
+        rows.append(("8-bit block weights", f"{len(report['eight_bit'])} MatMuls (" + ", ".join(
+            f"{kind} ×{count}" for kind, count in kinds.items()) + "; report.json names each and why)"))
     if report["speed"]:
         best = report["speed"][f"threads_{report['best_threads']}"]
         rows.append(("decode tokens/s", f"{best[mode]['decode_tokens_per_s']:.0f} vs float32 "

@@ -14,7 +14,7 @@ from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
 from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, calibration_activations, float_export,
-                               float_reference, scaling_plan, statistics_inputs, weight_matmuls)
+                               float_reference, quantize, scaling_plan, statistics_inputs, weight_matmuls)
 
 DOWN = "/layers.0/mlp/down_proj/MatMul"
 
@@ -88,13 +88,27 @@ def planted(fused, tmp_path):
 
 
 def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
-    """Without smoothing the int8 estimate of the planted MatMul's output blows up and it would stay float; with it,
-    it is quantized."""
+    """Without smoothing the int8 estimate of the planted MatMul's output blows up and it would get 8-bit blocks; with
+    it, per-tensor static int8 is fine."""
     smoothed_plan, _, _ = plan_of(planted, tmp_path / "a")
     plain_plan, _, _ = plan_of(planted, tmp_path / "b", alpha=0)
-    assert plain_plan.error[DOWN] > smoothquant.FLOAT_ABOVE and DOWN in plain_plan.kept
+    assert plain_plan.error[DOWN] > smoothquant.BLOCKWISE_ABOVE and DOWN in plain_plan.kept
     assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.kept
     assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
+
+
+def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path):
+    """Unsmoothed, the planted MatMul's per-tensor int8 estimate is too high: it becomes an 8-bit MatMulNBits (block
+    scales, activations rounded per block as it runs), named with its reason, and the model passes the gate."""
+    options = QuantizeOptions(smoothquant=0, calib_samples=8, eval_windows=8, measure=False)
+    report = quantize(planted, tmp_path / "int8", calib=[UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"],
+                      eval_data=[UD / "fr_gsd_dev.txt"], options=options)
+    assert list(report["eight_bit"]) == [DOWN] and "int8 error" in report["eight_bit"][DOWN]
+    assert report["executed"]["integer_ops"]["MatMulNBits"] == 1 and not report["executed"]["float_weight_matmuls"]
+    assert report["gate"]["passed"] and DOWN in report["quantized"]
+    graph = onnx.load(tmp_path / "int8" / "model.onnx").graph
+    (written,) = ({a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits")
+    assert written["bits"] == 8 and written["block_size"] == report["settings"]["block_size"] == 32
 
 
 def test_awq_scaling_lowers_the_int4_estimate(planted, tmp_path):
