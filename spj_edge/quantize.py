@@ -687,8 +687,9 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
                      "calibration_feeds": (f"per sample, a prefill of {PREFILL} tokens then {DECODE} cached decode "
                                            "steps" if calibration_samples else None)},
         "quantized": outcome.quantized,
-        "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded}
-                      if outcome.plan else {}),
+        # static int8 leaves unscaled what it writes in 8-bit blocks (smoothquant.apply)
+        "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded
+                       and not (mode == "static" and n in outcome.eight_bit)} if outcome.plan else {}),
         f"estimated_{'int4' if mode == 'int4' else 'int8'}_error": (
             {n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),
         "eight_bit": outcome.eight_bit,
