@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,6 +12,7 @@ import pytest
 
 from conftest import SHAKESPEARE, UD, cli
 from spj_edge.runtime import Generator
+from spj_edge.runtime.step import release_weight_pages
 
 CALIB = [UD / "en_ewt_dev.txt", SHAKESPEARE / "val.txt"]
 PROMPT, TOKENS = "First Citizen:\nBefore we", 24
@@ -76,3 +79,48 @@ def test_eval_reads_an_external_export(external, nano_export):
     assert figures["files"][str(SHAKESPEARE / "val.txt")]["top1_agreement"] == 1.0  # the same weights
     sizes = figures["model"]["file_bytes"], figures["baseline"]["file_bytes"]
     assert abs(sizes[0] - sizes[1]) < 0.01 * sizes[1]  # the weights file counts in the model's size
+
+
+def resident_kib(path) -> tuple[int, int]:
+    """How many mappings of `path` this process has, and their resident KiB (/proc/self/smaps)."""
+    inode, mappings, resident, counting = str(path.stat().st_ino), 0, 0, False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            counting = fields[4] == inode
+            mappings += counting
+        elif counting and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return mappings, resident
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_the_runtime_lets_go_of_the_weight_pages_onnxruntime_is_done_with(external, tmp_path):
+    """onnxruntime maps model.onnx.data, packs what it computes with into its own memory, and keeps some tensors it
+    copied (MatMulNBits' scales on x86): after loading, the runtime holds none of the file's pages, and the pages a
+    generation reads again come back from the file unchanged."""
+    if not (external / "int4").is_dir():
+        cli("quantize", "--model", external / "onnx", "--out", external / "int4", "--mode", "int4", "--calib", *CALIB,
+            "--external-data", "--force")
+    out = tmp_path / "int4.spj"
+    assert cli("package", "--model", external / "int4", "--out", out).returncode == 0
+    generator = Generator.load(out)
+    mappings, resident = resident_kib(out / "model.onnx.data")
+    assert mappings > 0 and resident == 0, (mappings, resident)  # mapped by onnxruntime, nothing of it held
+    options = dict(max_new_tokens=TOKENS, temperature=0, ignore_eos=True)
+    tokens = list(generator.tokens(PROMPT, **options))
+    assert resident_kib(out / "model.onnx.data")[1] > 0  # the embedding's rows, read through the mapping
+    assert release_weight_pages(out) > 0
+    assert list(generator.tokens(PROMPT, **options)) == tokens
+
+
+def test_a_written_page_of_a_mapped_file_is_kept(tmp_path):
+    """A private mapping's page that was written to holds the only copy of what was written: never dropped."""
+    (tmp_path / "weights").write_bytes(bytes(range(256)) * 64)
+    with open(tmp_path / "weights", "rb") as f:
+        copy = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    copy[0], copy[8192] = 255, 7
+    assert copy[:2] == bytes([255, 1]) and copy[4096:4098] == bytes([0, 1])
+    release_weight_pages(tmp_path)
+    assert copy[0] == 255 and copy[8192] == 7 and copy[1] == 1 and copy[4096:4098] == bytes([0, 1])
+    copy.close()
