@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import stat
 from pathlib import Path
 from typing import Collection, Iterator, Sequence
 
@@ -36,12 +35,12 @@ def open_session(model: bytes | str, threads: int) -> ort.InferenceSession:
     options.log_severity_level = 3  # errors only: warnings (a quantized graph's notices) would break one-line output
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     if isinstance(model, str):
-        release_weight_pages(Path(model).parent)
+        release_weight_pages(Path(f"{model}.data"))  # where every stage puts a graph's external weights
     return session
 
 
-def release_weight_pages(folder: Path) -> int:
-    """Drops from this process's page tables the clean pages it maps of the files in `folder`; returns their bytes.
+def release_weight_pages(weights: Path) -> int:
+    """Drops from this process's page tables the clean pages it maps of the file `weights`; returns their bytes.
 
     onnxruntime maps a graph's external weights and reads them once to pack them into its own layout, but keeps some
     tensors it has copied (on x86 the scales of every MatMulNBits, which its int8 kernels read from the packed copy),
@@ -50,16 +49,16 @@ def release_weight_pages(folder: Path) -> int:
     page cache keeps it, and a later read faults it back from the same file. A mapping with a page written to (a
     private copy, counted as Anonymous) is left alone. Linux only (/proc/self/smaps); elsewhere nothing is dropped."""
     smaps = Path("/proc/self/smaps")
-    if not smaps.is_file():
+    if not smaps.is_file() or not weights.is_file():
         return 0
-    files = {(os.major(s.st_dev), os.minor(s.st_dev), s.st_ino) for s in (p.stat() for p in folder.iterdir())
-             if stat.S_ISREG(s.st_mode)}
-    mappings, fields = [], None  # fields: the current mapping's, when it maps one of the files
+    info = weights.stat()  # through the links of a pinned package folder, to the file itself
+    file = (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+    mappings, fields = [], None  # fields: the current mapping's, when it maps the file
     for line in smaps.read_text().splitlines():
         head = line.split()
         if "-" in head[0] and len(head) >= 5:  # "start-end perms offset major:minor inode [path]"
             major, minor = (int(part, 16) for part in head[3].split(":"))
-            fields = {} if (major, minor, int(head[4])) in files else None
+            fields = {} if (major, minor, int(head[4])) == file else None
             if fields is not None:
                 mappings.append((*(int(a, 16) for a in head[0].split("-")), fields))
         elif fields is not None and line.endswith(" kB"):
