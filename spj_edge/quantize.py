@@ -13,6 +13,7 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
   break (its activations' one scale too coarse: SmolLM2's down_proj) gets 8-bit block weights instead, MatMulNBits
   rounding its activations to int8 per block of 32 as it runs, as llama.cpp's Q8_0 does; both decided from the
   calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
+  On a VNNI CPU every MatMul gets them: onnxruntime's block kernel is the faster one there (exporters/README.md).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).
 - int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
   channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
@@ -73,6 +74,7 @@ class Profile:
     per_channel: bool
     reduce_range: bool
     calibration: str
+    blockwise_above: float  # static: the estimated int8 error over which a MatMul gets 8-bit block weights
 
 
 def detect_target() -> str:
@@ -568,7 +570,7 @@ def scaling_plan(float_model: ExportArtifact, statistics: smoothquant.Activation
     activation ranges as onnxruntime's calibration cache. The scaling is folded into the export's parsed graph
     itself, which is let go of once written (weights as external data, a tensor at a time)."""
     static = recipe.mode == "static"
-    mode = smoothquant.STATIC if static else smoothquant.int4(recipe.options.block_size)
+    mode = smoothquant.static(recipe.profile.blockwise_above) if static else smoothquant.int4(recipe.options.block_size)
     proto = float_model.proto
     nodes = {n.name: n for n in proto.graph.node}
     found = smoothquant.folds(proto, float_model.config)

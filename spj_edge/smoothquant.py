@@ -11,8 +11,9 @@ per output column. The division is folded into whatever makes the input, so the 
     attention → o_proj          the V columns of the q/k/v MatMul (softmax mixes positions, not channels)
     silu(gate) · up → down      the `up` columns of the gate/up MatMul
 α is chosen per MatMul, the one that minimises the int8 error of its output on the calibration sample; a MatMul whose
-error stays over BLOCKWISE_ABOVE after that gets 8-bit weights in blocks instead, its activations rounded per block
-as the kernel runs (on SmolLM2: every `down_proj`, a few `o_proj`).
+error stays over the target profile's `blockwise_above` after that gets 8-bit weights in blocks instead, its activations
+rounded per block as the kernel runs (x86 and arm64: 2.5 %, on SmolLM2 every `down_proj` and a few `o_proj`; x86-vnni:
+0, every MatMul, as onnxruntime's block kernel is the faster one there).
 The activation ranges then go to ONNX Runtime's quantizer as its own calibration cache, so that its calibrators
 (minutes and gigabytes on a 135M model) never run.
 int4 (weights only, in blocks of 32) folds AWQ's scales the same way: s_j = mean|x_j|^α, α per MatMul by the
@@ -28,12 +29,6 @@ import onnx
 from onnx import numpy_helper
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
-# The median over calibration tokens of |int8 output - float output| / |float output|, above which a MatMul gets
-# 8-bit block weights rather than per-tensor static int8. On SmolLM2-135M (30 layers) the q/k/v and gate/up MatMuls
-# estimate at 0.9-1.6 %, `o_proj` at 1-4 %, `down_proj` at 2.6-23 %. Static int8 of all of them (smoothed) costs +2-5 %
-# bits per byte on held-out text; keeping those over 3 % in float, +1.02 %; over 2.5 % (every down_proj and 10
-# o_proj), +0.23 % (on an AVX2 EPYC +0.42 %; with those 41 as 8-bit blocks instead of float, +0.33 %, 1.5x faster).
-BLOCKWISE_ABOVE = 0.025
 INT4_ALPHAS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)  # AWQ's; on SmolLM2-135M it picks 0.1-0.5 from a grid of tenths
 # int4's estimate (weights alone rounded, in blocks of 32) on SmolLM2-135M: 2-12 % for every MatMul, 1.5-12 % after
 # AWQ's scaling, no outlier among them; over this, a MatMul gets 8-bit weights (MatMulNBits too) instead.
@@ -181,7 +176,9 @@ class Mode:
         return x @ int4_weight(w, self.block_size)
 
 
-STATIC = Mode("int8", ALPHAS, BLOCKWISE_ABOVE)
+def static(blockwise_above: float) -> Mode:
+    """Static int8, a MatMul whose estimated error is over `blockwise_above` (the target profile's) in 8-bit blocks."""
+    return Mode("int8", ALPHAS, blockwise_above)
 
 
 def int4(block_size: int) -> Mode:
@@ -244,8 +241,9 @@ def plan(proto: onnx.ModelProto, statistics: ActivationStatistics, found: dict[s
         if best[2] is not None:
             scales[name] = best[2]
         if best[1] > mode.keep_above:
-            kept[name] = (f"{mode.name} error of its output estimated at {best[1]:.1%} on the calibration text (over "
-                          f"{mode.keep_above:.1%}){f', after scaling (alpha {best[0]})' if best[0] else ''}")
+            over = f"over {mode.keep_above:.1%}" if mode.keep_above else "every MatMul, by the target's profile"
+            kept[name] = (f"{mode.name} error of its output estimated at {best[1]:.1%} on the calibration text ({over})"
+                          f"{f', after scaling (alpha {best[0]})' if best[0] else ''}")
     return Plan(alphas, errors, kept, scales)
 
 

@@ -48,10 +48,11 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
     assert gate["passed"] and gate["kl"] < 0.01 and gate["bits_per_byte_increase"] <= 0.01
     assert gate["positions"] > 1000
     # every weight MatMul runs on an integer kernel in the graph ONNX Runtime executes: static int8, or 8-bit blocks
-    # where the statistics estimate static int8's error too high (named, with the estimate); none in float
+    # where the statistics estimate static int8's error too high (named, with the estimate; on a VNNI CPU, every
+    # MatMul); none in float
     eight_bit = report["eight_bit"]
-    assert report["executed"]["integer_ops"] == {"MatMulIntegerToFloat": len(report["quantized"]) - len(eight_bit),
-                                                 **({"MatMulNBits": len(eight_bit)} if eight_bit else {})}
+    kernels = {"MatMulIntegerToFloat": len(report["quantized"]) - len(eight_bit), "MatMulNBits": len(eight_bit)}
+    assert report["executed"]["integer_ops"] == {op: count for op, count in kernels.items() if count}
     assert report["executed"]["float_weight_matmuls"] == [] and not any(n.startswith("/") for n in report["excluded"])
     assert len(report["quantized"]) == 4 * model_layers(exports) + 1  # q/k/v, o, gate/up, down; the head
     assert set(report["estimated_int8_error"]) == set(report["quantized"]) >= set(eight_bit)
@@ -72,7 +73,9 @@ def test_static_int8_through_the_cli_passes_the_gate_and_runs_integer_kernels(ex
 @pytest.mark.parametrize("mode, options, kernel", [
     ("dynamic", {}, "DynamicQuantizeMatMul"),
     ("int4", {"auto_exclude": True}, "MatMulNBits"),  # nano's 64-wide layers are hard on 4 bits: some stay float
-    ("static", {"calibration": "minmax", "per_channel": False, "smoothquant": 0.5}, "MatMulIntegerToFloat"),
+    # per-tensor static int8 (x86's profile; x86-vnni's puts every MatMul in 8-bit blocks)
+    ("static", {"calibration": "minmax", "per_channel": False, "smoothquant": 0.5, "target": "x86"},
+     "MatMulIntegerToFloat"),
 ])
 def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
     report = quantize(exports["fused"], tmp_path / mode, calib=CALIB,
@@ -85,6 +88,21 @@ def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
     kept = [n for n in report["excluded"] if n.startswith("/")]
     assert sorted(kept) == sorted(report["executed"]["float_weight_matmuls"])
     assert_contract(tmp_path / mode / "model.onnx", float_export(exports["fused"]).config)
+
+
+def test_x86_vnni_gives_every_matmul_8_bit_blocks(exports, tmp_path):
+    """On VNNI, onnxruntime's 8-bit block kernel (MatMulNBits, activations rounded per block of 32 as it runs) decodes
+    faster than per-tensor static int8's MatMulIntegerToFloat, so that profile writes every MatMul that way: one
+    MatMulNBits each, unscaled, within the int8 gate (any x86 or ARM CPU runs the graph)."""
+    report = quantize(exports["fused"], tmp_path / "int8", calib=CALIB,
+                      options=QuantizeOptions(target="x86-vnni", measure=False))
+    assert report["target"] == "x86-vnni" and report["gate"]["passed"]
+    assert set(report["eight_bit"]) == set(report["quantized"]) == set(report["estimated_int8_error"])
+    assert all("by the target's profile" in why for why in report["eight_bit"].values())
+    assert report["executed"]["integer_ops"] == {"MatMulNBits": len(report["quantized"])}
+    assert not report["smoothing"] and not report["executed"]["float_weight_matmuls"]
+    graph = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False).graph
+    assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
 
 
 def test_onnxruntime_says_nothing_but_each_attempt_and_the_summary(exports, tmp_path):

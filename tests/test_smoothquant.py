@@ -14,7 +14,7 @@ from spj_edge.export import export
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import QuantizeOptions
 from spj_edge.quantize import (DECODE, PREFILL, KVCacheCalibration, Recipe, calibration_activations, float_export,
-                               float_reference, quantize, scaling_plan, statistics_inputs, weight_matmuls)
+                               float_reference, load_profile, quantize, scaling_plan, statistics_inputs, weight_matmuls)
 
 DOWN = "/layers.0/mlp/down_proj/MatMul"
 
@@ -38,7 +38,8 @@ def statistics_of(directory, tmp_path, recipe):
 
 
 def plan_of(directory, tmp_path, alpha=None):
-    recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False))
+    # x86's profile: 8-bit blocks only where per-tensor int8 is estimated to break (x86-vnni's gives them to every MatMul)
+    recipe = Recipe.of(QuantizeOptions(smoothquant=alpha, measure=False, target="x86"))
     model, statistics = statistics_of(directory, tmp_path, recipe)
     return scaling_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path)
 
@@ -92,7 +93,7 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
     it, per-tensor static int8 is fine."""
     smoothed_plan, _, _ = plan_of(planted, tmp_path / "a")
     plain_plan, _, _ = plan_of(planted, tmp_path / "b", alpha=0)
-    assert plain_plan.error[DOWN] > smoothquant.BLOCKWISE_ABOVE and DOWN in plain_plan.kept
+    assert plain_plan.error[DOWN] > load_profile("x86").blockwise_above and DOWN in plain_plan.kept
     assert smoothed_plan.alpha[DOWN] > 0 and DOWN not in smoothed_plan.kept
     assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
 
@@ -100,7 +101,7 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
 def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path):
     """Unsmoothed, the planted MatMul's per-tensor int8 estimate is too high: it becomes an 8-bit MatMulNBits (block
     scales, activations rounded per block as it runs), named with its reason, and the model passes the gate."""
-    options = QuantizeOptions(smoothquant=0, calib_samples=8, eval_windows=8, measure=False)
+    options = QuantizeOptions(smoothquant=0, calib_samples=8, eval_windows=8, measure=False, target="x86")
     report = quantize(planted, tmp_path / "int8", calib=[UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"],
                       eval_data=[UD / "fr_gsd_dev.txt"], options=options)
     assert list(report["eight_bit"]) == [DOWN] and "int8 error" in report["eight_bit"][DOWN]
