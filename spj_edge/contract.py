@@ -25,6 +25,9 @@ def inputs(num_layers: int, kv_heads: int, head_dim: int) -> list[TensorSpec]:
     specs = [
         TensorSpec("input_ids", "int64", (BATCH, SEQUENCE)),
         TensorSpec("attention_mask", "int64", (BATCH, TOTAL)),  # past + sequence; 1 = token, 0 = padding
+        # Each token's rotary position. Rotary attention sees only differences of positions, so a row's may start
+        # anywhere as long as they go up by one a token, the cached ones included: a left-padded prompt counts its
+        # padding (the fused graph rotates a fresh prompt's row from its first id on, padding or not).
         TensorSpec("position_ids", "int64", (BATCH, SEQUENCE)),
     ]
     for i in range(num_layers):

@@ -105,6 +105,14 @@ def folds(proto: onnx.ModelProto, config) -> dict[str, Fold]:
         start = sum(sizes[:index])
         return matmul, slice(start, start + sizes[index])
 
+    def packed_v(tensor: str):
+        """(the weight MatMul, the V columns) of q, k and v packed as that MatMul makes them."""
+        matmul = producer.get(tensor)
+        if matmul is None or matmul.op_type != "MatMul" or matmul.input[1] not in initializers:
+            return None
+        width = initializers[matmul.input[1]].dims[1]
+        return matmul, slice(width - config.num_key_value_heads * config.head_dim, width)
+
     found = {}
     for node in graph.node:
         if node.op_type != "MatMul" or node.input[1] not in initializers or uses.get(node.input[0]) != 1:
@@ -116,7 +124,7 @@ def folds(proto: onnx.ModelProto, config) -> dict[str, Fold]:
                 and source.input[2] in initializers and uses.get(source.input[2]) == 1):
             found[node.name] = Fold(source.input[2], slice(None))
         elif source.op_type == "GroupQueryAttention" and source.output[0] == node.input[0]:
-            section = split_section(source.input[2])
+            section = split_section(source.input[2]) if source.input[2] else packed_v(source.input[0])
             heads = (config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads,
                      config.head_dim)
             if section is not None and uses.get(section[0].input[1]) == 1:

@@ -111,7 +111,7 @@ class Decoder:
         for r, row in enumerate(rows):
             ids[r, width - len(row):] = row
             mask[r, :width - len(row)] = 0
-        positions = np.maximum(mask[:, :width].cumsum(axis=1) - 1, 0)
+        positions = np.tile(np.arange(width, dtype=np.int64), (batch, 1))  # padding counted: contract.inputs
         histories = [list(row) for row in rows]
         forward = self.step(batch, capacity=width + steps)
         logits = forward(ids, mask[:, :width], positions)
