@@ -363,7 +363,8 @@ def pretrained_section(pretrained: dict) -> list[str]:
         f"Top-1 agreement with float32 where it is confident ({gate['confident_share']:.0%} of the positions): "
         f"{gate['top1_agreement_confident']:.2%}; overall {gate['top1_agreement']:.2%}; KL(float32 ‖ int8) "
         f"{gate['kl']:.4f} nats a token. {len(pretrained['eight_bit'])} of {pretrained['matmuls']} weight MatMuls "
-        "have 8-bit block weights (MatMulNBits) where static int8 would break their output:",
+        "have 8-bit block weights (MatMulNBits), where static int8 would break their output or, on a VNNI CPU, all of "
+        "them (the faster kernel there):",
         "\n".join(f"- `{name}`: {why}" for name, why in pretrained["eight_bit"].items()) or "- none",
         f"{len(pretrained['kept_in_float'])} stayed float:",
         "\n".join(f"- `{name}`: {why}" for name, why in pretrained["kept_in_float"].items()) or "- none",
