@@ -8,8 +8,8 @@ repetitions of ../shared/data's text as SlimPajama-style .jsonl.zst, fine for th
 figure is one command's own: its report.json (prepare's MB/s, training's tokens/s) and its peak RSS as the kernel
 counts it for that process tree (os.wait4). Training runs of a comparison are interleaved, median of --repeats.
 The "large" corpus for the memory curve is the prepared corpus's shards listed --scale times over in one index (the
-same bytes under new names): memory-mapping reads a shard the same whatever it holds, and tokenizing gigabytes here
-takes hours (see the note printed with the figures).
+same bytes under new names): memory-mapping reads a shard the same whatever it holds, so training's memory is measured
+at --scale times the corpus without tokenizing that much text.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Where a `spj-edge prepare` worker's time goes, stage by stage, with each document encoder: the main process's
-reading (zstd, JSON, chunking) and sending the texts, then per chunk the worker's encoding, its ids framed into arrays,
+reading (zstd, JSON, chunking) and sending the texts, then per chunk the worker's encoding (into the shards' array),
 the held-out hashing and the result's pickling, and the main process's shard writing. One process, prepare's own code
 paths, in MB of text a second.
 
@@ -21,7 +21,7 @@ from spj_edge.options import PrepareOptions, SourceOptions
 from spj_edge.sources import BadRecords
 from spj_edge.tokenizer import load_tokenizer
 
-STAGES = ("encode", "arrays", "hash", "result pickle", "write")
+STAGES = ("encode", "hash", "result pickle", "write")
 
 
 def main() -> None:
@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, required=True, help="a file prepare reads (prepare_corpus.py's)")
     parser.add_argument("--tokenizer", type=Path, required=True)
     args = parser.parse_args()
-    os.environ["RAYON_NUM_THREADS"] = "1"  # one thread, as in prepare's workers (read when tokenizers first encodes)
+    # one thread, as in prepare's workers (read when an encoder first encodes)
+    os.environ["RAYON_NUM_THREADS"] = os.environ["FASTOKENS_BPE_THREADS"] = "1"
 
     started = time.perf_counter()
     chunks = list(stage._chunks(stage._documents([args.corpus], stage.Position(), SourceOptions(), BadRecords(False))))
@@ -42,7 +43,7 @@ def main() -> None:
     print(f"{mb:.1f} MB in {len(chunks)} chunks; main process: read {mb / read:.0f} MB/s, texts sent "
           f"{mb / sent:.0f} MB/s")
 
-    for encoder in ("tiktoken", "tokenizers"):
+    for encoder in ("fastokens", "tokenizers"):
         tokenizer = load_tokenizer(args.tokenizer)
         tokenizer.use_document_encoder(encoder)
         seconds = dict.fromkeys(STAGES, 0.0)
@@ -50,9 +51,8 @@ def main() -> None:
             shards = stage.Shards(Path(out), np.dtype(np.uint16), 1 << 22)
             for _, sources, texts in chunks:  # prepare._tokenize's steps, timed one by one
                 marks = [time.perf_counter()]
-                documents = tokenizer.encode_documents(texts)
-                marks.append(time.perf_counter())
-                ids, lengths = stage.end_to_end(documents, "uint16")
+                ids, lengths = tokenizer.encode_documents(texts)
+                ids = ids.astype(np.uint16)
                 marks.append(time.perf_counter())
                 val = stage.held_out([t.encode("utf-8") for t in texts], PrepareOptions().val_fraction)
                 marks.append(time.perf_counter())

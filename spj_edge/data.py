@@ -84,8 +84,8 @@ def tokenizer_sha256(tokenizer: Tokenizer | TextTokenizer) -> str:
 def tokenize_documents(documents: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:
     """One stream of documents, each framed as the tokenizer frames a prompt and ended by its EOS, the way generation
     starts and ends: <bos> document <eos> <bos> document <eos> … for our presets."""
-    return np.concatenate([np.array(ids, dtype=np.int64)
-                           for ids in TextTokenizer.of(tokenizer).encode_documents(documents)])
+    ids, _ = TextTokenizer.of(tokenizer).encode_documents(documents)
+    return ids.astype(np.int64)
 
 
 def tokenize_corpus(texts: list[str], tokenizer: Tokenizer | TextTokenizer) -> np.ndarray:

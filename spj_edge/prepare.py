@@ -63,26 +63,20 @@ _worker_tokenizer: TextTokenizer | None = None
 
 
 def _start_worker(tokenizer: str, encoder: str) -> None:
-    # One thread a worker, set before tokenizers builds its thread pool: --workers says how many cores tokenize
-    # (tokenizers' batch encoding would take them all in every worker).
-    os.environ["RAYON_NUM_THREADS"] = "1"
+    # One thread a worker, set before the encoder builds its thread pool: --workers says how many cores tokenize
+    # (a batch encoding would take them all in every worker).
+    os.environ["RAYON_NUM_THREADS"] = os.environ["FASTOKENS_BPE_THREADS"] = "1"
     global _worker_tokenizer
     _worker_tokenizer = load_tokenizer(tokenizer)
     _worker_tokenizer.use_document_encoder(encoder)
 
 
 def _tokenize(texts: list[str], val_fraction: float, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """A chunk's documents: their framed ids end to end, each one's length, whether it is held out (module
-    docstring), and the chunk's bytes of text."""
-    ids, lengths = end_to_end(_worker_tokenizer.encode_documents(texts), dtype)
+    """A chunk's documents: their framed ids end to end in the shards' type, each one's length, whether it is held
+    out (module docstring), and the chunk's bytes of text."""
+    ids, lengths = _worker_tokenizer.encode_documents(texts)
     encoded = [t.encode("utf-8") for t in texts]
-    return ids, lengths, held_out(encoded, val_fraction), sum(map(len, encoded))
-
-
-def end_to_end(documents: list[list[int]], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The documents' ids in one array of the shards' type, and each document's length."""
-    lengths = np.fromiter(map(len, documents), dtype=np.int64, count=len(documents))
-    return np.fromiter((i for d in documents for i in d), dtype=dtype, count=int(lengths.sum())), lengths
+    return ids.astype(dtype), lengths, held_out(encoded, val_fraction), sum(map(len, encoded))
 
 
 def held_out(encoded: list[bytes], val_fraction: float) -> np.ndarray:

@@ -28,6 +28,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from .document_encoder import FastEncoder, checked_encoder, end_to_end
 from .errors import SPJError
 from .sampling import GENERATION_DEFAULTS, SamplingParams
 
@@ -103,17 +104,22 @@ class TextTokenizer:
         self.generation = {**GENERATION_DEFAULTS, **(generation or {})}  # the model's sampling defaults
         self.files = dict(files or {})  # TEXT_FILES as read, written again by save_tokenizer_files
         self.source = source
-        self.document_encoder: str | None = None  # "tiktoken" or "tokenizers", once chosen
-        self._tiktoken = None  # a tiktoken_bpe.TiktokenBPE when that is the choice
+        self.document_encoder: str | None = None  # "fastokens" or "tokenizers", once chosen
+        self._fast = None  # a document_encoder.FastEncoder when that is the choice
 
     def __getattr__(self, name: str):  # what the class lacks is the backend's
         return getattr(self.backend, name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fast": None}  # fastokens' tokenizer does not pickle: a copy makes its own
 
     def __setstate__(self, state: dict):
         """A copy, or one unpickled: the backend's encode_special_tokens (the guard on a user's text) is not part of
         what `tokenizers` pickles."""
         self.__dict__.update(state)
         specials_as_text(self.backend)
+        if self.document_encoder is not None:
+            self.use_document_encoder(self.document_encoder)
 
     @classmethod
     def of(cls, tokenizer: Tokenizer | TextTokenizer, source: str = TOKENIZER) -> TextTokenizer:
@@ -151,35 +157,34 @@ class TextTokenizer:
         check_prompt_fits(len(ids), context)
         return ids
 
-    def encode_documents(self, documents: list[str]) -> list[list[int]]:
-        """Each document framed as a prompt is, then ended with the first EOS id (if the tokenizer has one). The ids
-        are `tokenizers`' own, computed by tiktoken where it can (choose_document_encoder, on the first call)."""
+    def encode_documents(self, documents: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The documents' ids end to end (uint32), each framed as a prompt is and ended with the first EOS id (if the
+        tokenizer has one), and each one's length. The ids are `tokenizers`' own, computed by fastokens where it can
+        (choose_document_encoder, on the first call)."""
         if self.document_encoder is None:
             self.choose_document_encoder(documents)
-        end = list(self.special.eos[:1])
-        return [[*ids, *end] for ids in self._encode_texts(documents)]
+        if self._fast is not None:
+            ids, offsets = self._fast.encode(documents)
+        else:
+            ids, offsets = end_to_end([e.ids for e in self.backend.encode_batch_fast(list(documents))])
+        lengths = np.diff(offsets)
+        if self.special.eos:
+            ids = np.insert(ids, offsets[1:], self.special.eos[0])
+            lengths += 1
+        return ids, lengths
 
     def choose_document_encoder(self, sample: Sequence[str]) -> str:
-        """Encode documents with tiktoken, several times faster, if it reproduces this tokenizer and gives its ids
-        for `sample` (tiktoken_bpe.checked_encoder); else with `tokenizers`. Returns the choice: "tiktoken" or
+        """Encode documents with fastokens, several times faster, if it takes this tokenizer and gives its ids for
+        `sample` (document_encoder.checked_encoder); else with `tokenizers`. Returns the choice: "fastokens" or
         "tokenizers"."""
-        from .tiktoken_bpe import checked_encoder  # tiktoken is the toolchain's: the runtime never encodes documents
-
-        self._tiktoken = checked_encoder(self.backend, sample, self.source)
-        self.document_encoder = "tokenizers" if self._tiktoken is None else "tiktoken"
+        self._fast = checked_encoder(self.backend, sample, self.source)
+        self.document_encoder = "tokenizers" if self._fast is None else "fastokens"
         return self.document_encoder
 
     def use_document_encoder(self, name: str) -> None:
         """The choice choose_document_encoder made in another process (prepare's main one), not checked again."""
-        from .tiktoken_bpe import TiktokenBPE
-
-        self._tiktoken = TiktokenBPE.of(self.backend) if name == "tiktoken" else None
+        self._fast = FastEncoder(self.backend) if name == "fastokens" else None
         self.document_encoder = name
-
-    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
-        if self._tiktoken is not None:
-            return self._tiktoken.encode_batch(texts)
-        return [e.ids for e in self.backend.encode_batch_fast(texts)]
 
     def byte_lengths(self, vocab_size: int) -> np.ndarray:
         """UTF-8 bytes each id stands for. Byte-level BPE maps every byte to one character of its alphabet, so a

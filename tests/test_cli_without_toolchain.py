@@ -9,7 +9,7 @@ from conftest import REPO, SHAKESPEARE, assert_one_line_error
 
 # What the base install leaves out (tqdm does come: tokenizers needs huggingface_hub, which needs tqdm).
 ABSENT = ("torch", "transformers", "onnx", "onnx_ir", "safetensors", "rich", "sacrebleu", "rouge_score", "nltk",
-          "matplotlib", "zstandard", "pyarrow")
+          "matplotlib", "zstandard", "pyarrow", "fastokens")
 # Absent as an uninstalled package is: a ModuleNotFoundError naming it, at import.
 ABSENT_SITE = f"""
 import sys

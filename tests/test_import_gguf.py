@@ -18,7 +18,7 @@ from conftest import LANGUAGES, REPO, SHARED_DATA, UD, assert_one_line_error, cl
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.import_gguf import import_gguf
 from spj_edge.tokenizer import load_tokenizer
-from test_tiktoken_bpe import corpus_documents, encoded_by_tokenizers
+from test_document_encoder import as_lists, corpus_documents, encoded_by_tokenizers
 
 REAL_GGUF = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = dict(hidden=64, ffn=128, layers=2, heads=4, kv_heads=2, context=512)
@@ -203,14 +203,14 @@ def test_the_tokenizer_encodes_as_transformers_does(imported, name):
     assert ours.decode(expected) == text
 
 
-def test_documents_are_encoded_by_tiktoken_with_the_ids_of_tokenizers(imported):
-    """SmolLM2's pre-tokenizer, Digits then ByteLevel, as one regex."""
+def test_documents_are_encoded_by_fastokens_with_the_ids_of_tokenizers(imported):
+    """SmolLM2's pre-tokenizer, Digits then ByteLevel, as the GGUF's tokenizer becomes."""
     path = imported[0] / "tokenizer.json"
     assert [s["type"] for s in json.loads(path.read_text())["pre_tokenizer"]["pretokenizers"]] == ["Digits",
                                                                                                  "ByteLevel"]
     tokenizer, documents = load_tokenizer(path), [*corpus_documents(), *real_texts().values()]
-    assert tokenizer.choose_document_encoder(documents) == "tiktoken"
-    assert tokenizer.encode_documents(documents) == encoded_by_tokenizers(tokenizer, documents)
+    assert tokenizer.choose_document_encoder(documents) == "fastokens"
+    assert as_lists(tokenizer.encode_documents(documents)) == encoded_by_tokenizers(tokenizer, documents)
 
 
 def test_special_tokens_and_the_chat_template_render_identically(imported):

@@ -27,7 +27,7 @@ from spj_edge.sampling import SamplingParams
 
 PROMPTS = ["First Citizen:\nBefore we proceed", "Le chat est", "我们的"]
 # What the base install lacks: the runtime must not need any of it.
-TOOLCHAIN = ("torch", "transformers", "onnx", "safetensors", "rich", "tqdm", "tiktoken")
+TOOLCHAIN = ("torch", "transformers", "onnx", "safetensors", "rich", "tqdm", "fastokens")
 BLOCKER = f"""
 import sys
 

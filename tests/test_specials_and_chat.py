@@ -16,6 +16,7 @@ from smollm2 import BOS, CONVERSATION, END_OF_TEXT, IM_END, REPLY
 from spj_edge import evaluate as ev
 from spj_edge.checkpoint import load_checkpoint
 from spj_edge.data import split_documents, tokenize_corpus
+from spj_edge.document_encoder import FastEncoder
 from spj_edge.errors import SPJError
 from spj_edge.export import export
 from spj_edge.generate import generate, generate_ids
@@ -23,10 +24,9 @@ from spj_edge.options import EvalOptions, QuantizeOptions
 from spj_edge.package import package
 from spj_edge.runtime import Generator
 from spj_edge.sampling import Sampler, SamplingParams
-from spj_edge.tiktoken_bpe import TiktokenBPE
 from spj_edge.tokenizer import TEXT_FILES, load_tokenizer, train_tokenizer
 from test_runtime import BLOCKER, runtime_cli
-from test_tiktoken_bpe import corpus_documents, encoded_by_tokenizers
+from test_document_encoder import as_lists, corpus_documents, encoded_by_tokenizers
 
 CONVERSATIONS = [
     CONVERSATION,
@@ -96,13 +96,15 @@ def test_prompt_ids_are_transformers_without_bos_for_smollm2(tokenizer, hf, text
         assert hf(text).input_ids == [504, 3575, 282, 4649, 314]
 
 
-def test_documents_are_encoded_by_tiktoken_with_the_ids_of_tokenizers(files):
+def test_documents_are_encoded_by_fastokens_with_the_ids_of_tokenizers(files):
     """SmolLM2's vocabulary lacks some bytes that text holds (0x04, the first of U+40000…U+BFFFF), which `tokenizers`
-    drops: documents with one are left to it."""
+    drops and fastokens refuses in a batch: a chunk with one is encoded text by text, that text by `tokenizers`."""
     tokenizer, documents = load_tokenizer(files / "tokenizer.json"), corpus_documents()
-    assert TiktokenBPE.of(tokenizer.backend).needs_backend.findall("a\x04b\U00050000c") == ["\x04", "\U00050000"]
-    assert tokenizer.choose_document_encoder(documents) == "tiktoken"
-    encoded = tokenizer.encode_documents(documents)
+    with pytest.raises(ValueError, match="byte 0x04 has no token"):
+        FastEncoder(tokenizer.backend).fast.encode_batch_flat(["a\x04b"])
+    assert sum("\x04" in d or "\U0004abcd" in d for d in documents) == 2
+    assert tokenizer.choose_document_encoder(documents) == "fastokens"
+    encoded = as_lists(tokenizer.encode_documents(documents))
     assert encoded == encoded_by_tokenizers(tokenizer, documents)
     assert all(d[-1] == IM_END and IM_END not in d[:-1] and END_OF_TEXT not in d for d in encoded)
 
