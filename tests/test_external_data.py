@@ -2,8 +2,11 @@
 2 GiB gets by default. Each stage's output computes what the same stage's inline output computes."""
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 
 from conftest import SHAKESPEARE, UD, cli
 from spj_edge.runtime import Generator
-from spj_edge.runtime.step import release_weight_pages
+from spj_edge.runtime.step import anonymous_mappings, release_weight_pages, weights_on_huge_pages
 
 CALIB = [UD / "en_ewt_dev.txt", SHAKESPEARE / "val.txt"]
 PROMPT, TOKENS = "First Citizen:\nBefore we", 24
@@ -124,6 +127,50 @@ def test_a_written_page_of_a_mapped_file_is_kept(tmp_path):
     release_weight_pages(tmp_path / "weights")
     assert copy[0] == 255 and copy[8192] == 7 and copy[1] == 1 and copy[4096:4098] == bytes([0, 1])
     copy.close()
+
+
+def huge_page_kib(memory: mmap.mmap) -> int:
+    """AnonHugePages of the mappings that make up `memory` (madvise splits a mapping at the huge pages' bounds)."""
+    first = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    last = first + len(memory)
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:
+            start, end = (int(a, 16) for a in head[0].split("-"))
+            inside = start < last and first < end
+        elif inside and head[0] == "AnonHugePages:":
+            total += int(head[1])
+    return total
+
+
+def written(size: int) -> mmap.mmap:
+    """Private anonymous memory of `size` bytes, every page written: what malloc gives a large allocation."""
+    memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.write(bytes(range(256)) * (size // 256))
+    return memory
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_memory_mapped_while_loading_goes_onto_huge_pages():
+    """open_session hands weights_on_huge_pages the anonymous mappings from before onnxruntime packed the weights; what
+    was mapped since (here memory standing in for them) moves onto huge pages where the kernel allows it (THP not
+    off, MADV_COLLAPSE from Linux 6.1), unchanged, and what was mapped before stays as it was."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage")
+    huge = int((thp / "hpage_pmd_size").read_text()) if thp.is_dir() else 2 << 20
+    earlier = written(4 * huge)
+    before = anonymous_mappings()
+    packed = written(8 * huge)
+    moved = weights_on_huge_pages(before)
+    mode = (thp / "enabled").read_text() if thp.is_dir() else "[never]"
+    kernel = tuple(int(part) for part in re.findall(r"\d+", os.uname().release)[:2])
+    if "[never]" in mode or kernel < (6, 1):
+        assert moved == 0
+    else:
+        assert moved >= 7 * huge and huge_page_kib(packed) * 1024 >= 7 * huge, moved
+    if "[madvise]" in mode:  # with "always" the kernel may have put it there itself
+        assert huge_page_kib(earlier) == 0
+    assert packed[:] == earlier[:] * 2 == bytes(range(256)) * (8 * huge // 256)
 
 
 def test_an_external_exports_config_is_read_without_its_weights(external):

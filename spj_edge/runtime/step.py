@@ -27,16 +27,70 @@ from .. import contract
 from ..errors import SPJError
 from ..sampling import Sampler
 
+MADV_COLLAPSE = 25  # Linux 6.1's; Python's mmap module does not name it
+
 
 def open_session(model: bytes | str, threads: int) -> ort.InferenceSession:
     """A CPU session of `model` (a path, or the graph's bytes); threads 0 is onnxruntime's default."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: warnings (a quantized graph's notices) would break one-line output
+    before = anonymous_mappings()
     session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     if isinstance(model, str):
         release_weight_pages(Path(f"{model}.data"))  # where every stage puts a graph's external weights
+    weights_on_huge_pages(before)
     return session
+
+
+def anonymous_mappings() -> dict[int, int]:
+    """This process's private anonymous memory (malloc's heap and its mappings): start -> end of each; Linux only."""
+    maps = Path("/proc/self/maps")
+    found = {}
+    for line in maps.read_text().splitlines() if maps.is_file() else []:
+        head = line.split()  # "start-end perms offset major:minor inode [path]"
+        if head[1] == "rw-p" and head[4] == "0" and (len(head) == 5 or head[5] == "[heap]"):
+            start, end = (int(a, 16) for a in head[0].split("-"))
+            found[start] = end
+    return found
+
+
+def weights_on_huge_pages(before: dict[int, int]) -> int:
+    """Moves the memory onnxruntime allocated since `before` (anonymous_mappings) onto transparent huge pages;
+    returns its bytes.
+
+    onnxruntime packs every MatMul's weights into buffers of its own, which malloc maps in 4 KB pages; a decode step
+    streams all of them, and on 2 MB pages most of the TLB misses go. Measured on a 2-core AMD EPYC, three pairs of
+    processes interleaved, median decode tokens/s: SmolLM2-135M +10 % float32, +3 % / +13 % int8 and +8 % / +5 % int4
+    at 1 / 2 threads, `small` +10-20 % at 1 thread; the resident set the same. Where THP is `madvise` (Ubuntu's
+    default and this machine's), nothing goes on huge pages unless asked: madvise HUGEPAGE marks the ranges, and
+    COLLAPSE (Linux 6.1 on) moves what is there now, at load (a new process's first token with small int8: 0.30 s).
+    Where either is refused (THP off, an older kernel, no free huge pages), the memory stays as it was."""
+    size_file = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+    if not before or not size_file.is_file():
+        return 0
+    huge = int(size_file.read_text())
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    moved = 0
+    for start, end in _new_parts(before, anonymous_mappings()):
+        start, end = -(-start // huge) * huge, end // huge * huge  # the whole huge pages inside
+        if end > start and madvise(start, end - start, mmap.MADV_HUGEPAGE) == 0 \
+                and madvise(start, end - start, MADV_COLLAPSE) == 0:
+            moved += end - start
+    return moved
+
+
+def _new_parts(before: dict[int, int], after: dict[int, int]) -> Iterator[tuple[int, int]]:
+    """The ranges of `after`'s mappings that none of `before`'s held: the kernel merges a new mapping with one beside
+    it, and the heap grows."""
+    for start, end in after.items():
+        for old_start, old_end in sorted((s, e) for s, e in before.items() if s < end and start < e):
+            if old_start > start:
+                yield start, old_start
+            start = max(start, old_end)
+        if start < end:
+            yield start, end
 
 
 def release_weight_pages(weights: Path) -> int:
