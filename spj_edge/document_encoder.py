@@ -30,7 +30,7 @@ PROBE_TEXTS = ("", " ", "\n\n \n", "  spaces before and after  ", "a" + " " * 40
                "don't we'll I'M 'tis they've", "3.14159 1,000,000 x2 2x ١٢٣ ½ ² Ⅻ 〇", "naïve café Ünïcödé",
                "中文的文本，日本語のテキスト。한국어", "emoji 👍🏽 and 👨‍👩‍👧", "\u00a0nbsp\u2009thin\u3000wide",
                "\ttab\vvertical\fform\x85next\u2028line", "a\x00b\x04c\x7f", "#!@$%^&*()_+-=[]{};:'\",.<>/?\\|`~",
-               "line one\nline two\n", "end of text")
+               "line one\nline two\n", "end of text", "x  1\n 22\t\t333 ,4 \n\n5")
 
 # Digits(individual_digits) then ByteLevel's regex (GPT-2's) on the text between the digits, as one regex: each
 # numeric character alone (Rust's char::is_numeric is \p{N}), and whitespace before one ends there as at the end of

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import LANGUAGES, UD, cli
-from spj_edge.data import build_dataset, read_texts, split_documents, tokenize_corpus
+from spj_edge.data import WindowOrder, build_dataset, read_texts, split_documents, tokenize_corpus
 from spj_edge.errors import SPJError
 from spj_edge.tokenizer import SPECIAL_TOKENS, load_tokenizer, special_token_ids, token_byte_lengths, train_tokenizer
 
@@ -88,6 +88,22 @@ def test_split_is_deterministic_by_seed_and_disjoint():
     assert np.array_equal(a.train_batch(1, 5, 3), first[5:8])
     second = a.train_batch(1, a.train_windows, a.train_windows)
     assert set(second[:, 0]) == set(first[:, 0]) and not np.array_equal(second, first), "the next epoch reshuffles"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 17, 64, 1000, 4097])
+def test_a_window_order_is_a_permutation_that_the_key_changes(n):
+    order = [WindowOrder(n, (7, 0, 0))[i] for i in range(n)]
+    assert sorted(order) == list(range(n))
+    if n >= 17:
+        assert order != [WindowOrder(n, (7, 0, 1))[i] for i in range(n)] and order != sorted(order)
+        assert abs(np.corrcoef(np.arange(n), order)[0, 1]) < 0.5  # shuffled, not shifted
+
+
+def test_a_window_order_needs_no_memory_for_the_windows():
+    """A trillion windows (a stored int64 permutation: 8 TB): each place computed when asked, all distinct."""
+    order = WindowOrder(10 ** 12, (1, 2, 3))
+    places = [order[i] for i in range(2000)]
+    assert len(set(places)) == 2000 and all(0 <= p < 10 ** 12 for p in places) and max(places) > 10 ** 11
 
 
 def test_corpus_stream_frames_paragraphs(ud_tokenizer):
