@@ -62,9 +62,9 @@ def weights_on_huge_pages(before: dict[int, int]) -> int:
     onnxruntime packs every MatMul's weights into buffers of its own, which malloc maps in 4 KB pages; a decode step
     streams all of them, and on 2 MB pages most of the TLB misses go. Measured on a 2-core AMD EPYC, three pairs of
     processes interleaved, median decode tokens/s: SmolLM2-135M +10 % float32, +3 % / +13 % int8 and +8 % / +5 % int4
-    at 1 / 2 threads, `small` +10-20 % at 1 thread; the resident set the same. Where THP is `madvise` (Ubuntu's
-    default and this machine's), nothing goes on huge pages unless asked: madvise HUGEPAGE marks the ranges, and
-    COLLAPSE (Linux 6.1 on) moves what is there now, at load (a new process's first token with small int8: 0.30 s).
+    at 1 / 2 threads, `small` +15 % / +24 % / +7 % at 1 thread; the resident set the same. Where THP is `madvise`
+    (Ubuntu's default and this machine's), nothing goes on huge pages unless asked: madvise HUGEPAGE marks the ranges,
+    and COLLAPSE (Linux 6.1 on) moves what is there now, at load (a new process's first token with small int8: 0.30 s).
     Where either is refused (THP off, an older kernel, no free huge pages), the memory stays as it was."""
     size_file = Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
     if not before or not size_file.is_file():
