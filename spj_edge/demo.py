@@ -244,7 +244,7 @@ def run_pretrained(gguf: Path, out: Path, calib: list[Path], held_out: list[Path
                                                    "top1_agreement_confident", "confident_share", "top1_agreement",
                                                    "kl", "passed")},
             "matmuls": len(int8["quantized"]) + len(kept_in_float(int8)), "kept_in_float": kept_in_float(int8),
-            "eight_bit": int8["eight_bit"],
+            "eight_bit": int8["eight_bit"], "eight_bit_block_size": int8["settings"]["eight_bit_block_size"],
             "decode_tokens_per_s": {mode: best[mode]["decode_tokens_per_s"] for mode in ("float32", "static")},
             "decode_threads": int8["best_threads"], "prompt": CHAT[0]["content"], "reply": reply}
 
@@ -364,7 +364,8 @@ def pretrained_section(pretrained: dict) -> list[str]:
         f"{gate['top1_agreement_confident']:.2%}; overall {gate['top1_agreement']:.2%}; KL(float32 ‖ int8) "
         f"{gate['kl']:.4f} nats a token. {len(pretrained['eight_bit'])} of {pretrained['matmuls']} weight MatMuls "
         "have 8-bit block weights (MatMulNBits), where static int8 would break their output or, on a VNNI CPU, all of "
-        "them (the faster kernel there):",
+        "them (the faster kernel there)" + (f", in blocks of {pretrained['eight_bit_block_size']}"
+                                            if pretrained["eight_bit"] else "") + ":",
         "\n".join(f"- `{name}`: {why}" for name, why in pretrained["eight_bit"].items()) or "- none",
         f"{len(pretrained['kept_in_float'])} stayed float:",
         "\n".join(f"- `{name}`: {why}" for name, why in pretrained["kept_in_float"].items()) or "- none",

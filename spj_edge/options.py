@@ -191,6 +191,8 @@ class QuantizeOptions:
     min_agreement: float | None = flag(None, "gate: top-1 agreement with float32 where it is confident (default "
                                              "0.97 for int8, 0.90 for int4)", type=float)
     block_size: int = flag(32, "int4: weights per scale (default %(default)s)")
+    int8_block_size: int | None = flag(None, "8-bit block weights: weights per scale (default: the profile's)",
+                                       type=int)
     accuracy_level: int = flag(4, "int4: MatMulNBits compute type (4: int8)")
     keep_grids: bool = flag(True, "int4: weights block-quantized already (a GGUF's Q4_0, Q4_1, Q4_K, Q8_0) keep "
                                   "their grid instead of being rounded again (default: on)",
@@ -214,8 +216,9 @@ class QuantizeOptions:
             raise SPJError(f"--calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if self.calib_samples <= 0 or self.eval_windows <= 0:
             raise SPJError("--calib-samples and --eval-windows must be positive")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise SPJError(f"--block-size must be a power of two ≥ 16, got {self.block_size}")
+        for flag_name, size in (("--block-size", self.block_size), ("--int8-block-size", self.int8_block_size)):
+            if size is not None and (size < 16 or size & (size - 1)):
+                raise SPJError(f"{flag_name} must be a power of two ≥ 16, got {size}")
         if self.smoothquant is not None and not (0 <= self.smoothquant < 1 and self.mode == "static"):
             raise SPJError(f"--smoothquant takes an alpha in [0, 1) and goes with --mode static, got "
                            f"{self.smoothquant}")

@@ -11,9 +11,10 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
   template is also calibrated on conversations in it.
 - A real LM's outlier channels are smoothed into the weights, and a MatMul whose output static int8 would still
   break (its activations' one scale too coarse: SmolLM2's down_proj) gets 8-bit block weights instead, MatMulNBits
-  rounding its activations to int8 per block of 32 as it runs, as llama.cpp's Q8_0 does; both decided from the
+  rounding its activations to int8 per block as it runs, as llama.cpp's Q8_0 does; both decided from the
   calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
-  On a VNNI CPU every MatMul gets them: onnxruntime's block kernel is the faster one there (exporters/README.md).
+  On a VNNI CPU every MatMul gets them, in blocks of 128: onnxruntime's block kernel is the faster one there, and
+  faster the larger its blocks (exporters/README.md).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).
 - int4 calibrates too: the same statistics choose AWQ's scales (folded as SmoothQuant's are), so that the input
   channels that carry the most signal get the finest 4-bit steps; a MatMul whose 4-bit error is estimated too high,
@@ -75,6 +76,7 @@ class Profile:
     reduce_range: bool
     calibration: str
     blockwise_above: float  # static: the estimated int8 error over which a MatMul gets 8-bit block weights
+    eight_bit_block_size: int  # weights per scale of 8-bit block weights
 
 
 def detect_target() -> str:
@@ -273,12 +275,14 @@ class Recipe:
     profile: Profile
     calibration: str
     per_channel: bool
+    eight_bit_block_size: int
 
     @classmethod
     def of(cls, options: QuantizeOptions) -> Recipe:
         profile = load_profile(options.target)
         return cls(options, profile, options.calibration or profile.calibration,
-                   profile.per_channel if options.per_channel is None else options.per_channel)
+                   profile.per_channel if options.per_channel is None else options.per_channel,
+                   options.int8_block_size or profile.eight_bit_block_size)
 
     @property
     def mode(self) -> str:
@@ -310,7 +314,7 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})  # float out: MatMulIntegerToFloat
         chosen = [n for n in nodes if n in eight_bit]
         if chosen:
-            onnx.save(block_quantized(onnx.load(str(target if static else source)), chosen, 8, options), str(target))
+            onnx.save(block_quantized(onnx.load(str(target if static else source)), chosen, 8, recipe), str(target))
     elif recipe.mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=recipe.per_channel, reduce_range=p.reduce_range,
@@ -320,21 +324,31 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
         rounded = [n for n in nodes if n not in on_grid]
         for bits, chosen in ((4, [n for n in rounded if n not in eight_bit]), (8, [n for n in rounded if n in eight_bit])):
             if chosen:
-                model = block_quantized(model, chosen, bits, options)
+                model = block_quantized(model, chosen, bits, recipe)
         weight_grids.write(model, [n for n in nodes if n in on_grid], options.accuracy_level)
         onnx.save(model, str(target))
 
 
-def block_quantized(model: onnx.ModelProto, chosen: list[str], bits: int, options: QuantizeOptions) -> onnx.ModelProto:
+def block_quantized(model: onnx.ModelProto, chosen: list[str], bits: int, recipe: Recipe) -> onnx.ModelProto:
     """The weight MatMuls `chosen` as MatMulNBits: symmetric `bits`-bit weights with a scale per block of
-    --block-size inputs, computed at --accuracy-level (4: the activations rounded to int8 per block as the kernel
-    runs, as llama.cpp's Q8_0 does)."""
-    # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size, is_symmetric=True,
-                                     accuracy_level=options.accuracy_level,
-                                     nodes_to_exclude=[n for n in weight_matmuls(model) if n not in chosen])
-    quantizer.process()
-    return quantizer.model.model
+    --block-size inputs (4 bits) or of the recipe's eight_bit_block_size (8 bits), computed at --accuracy-level (4: the
+    activations rounded to int8 per block as the kernel runs, as llama.cpp's Q8_0 does). A MatMul with fewer inputs
+    than an 8-bit block gets the power of two that holds them: a larger block would only pad."""
+    options = recipe.options
+    if bits == 4:
+        sizes = dict.fromkeys(chosen, options.block_size)
+    else:
+        weights = {i.name: i for i in model.graph.initializer}
+        inputs = {n.name: weights[n.input[1]].dims[0] for n in model.graph.node if n.name in chosen}
+        sizes = {n: min(recipe.eight_bit_block_size, max(16, 1 << (inputs[n] - 1).bit_length())) for n in chosen}
+    for size in sorted(set(sizes.values())):
+        # its nodes_to_include is not honoured (onnxruntime 1.32): say what to leave out instead
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=size, is_symmetric=True,
+                                         accuracy_level=options.accuracy_level,
+                                         nodes_to_exclude=[n for n in weight_matmuls(model) if sizes.get(n) != size])
+        quantizer.process()
+        model = quantizer.model.model
+    return model
 
 
 def quantize_embedding(path: Path) -> bool:
@@ -680,7 +694,8 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
                      "per_channel": recipe.per_channel, "reduce_range": profile.reduce_range,
                      "activation_type": profile.activation_type if mode == "static" else None,
                      "weight_type": "int4" if mode == "int4" else profile.weight_type,
-                     "block_size": options.block_size if mode == "int4" or outcome.eight_bit else None,
+                     "block_size": options.block_size if mode == "int4" else None,
+                     "eight_bit_block_size": recipe.eight_bit_block_size if outcome.eight_bit else None,
                      "accuracy_level": options.accuracy_level if mode == "int4" or outcome.eight_bit else None,
                      "calibration_samples": calibration_samples,
                      "scaling": None if mode == "dynamic" else (

@@ -98,11 +98,13 @@ def test_the_report_shows_the_pretrained_figures_or_one_line_why_not():
                     "top1_agreement_confident": 0.9992, "confident_share": 0.6, "top1_agreement": 0.98, "kl": 0.01,
                     "passed": True},
            "matmuls": 121, "kept_in_float": kept, "eight_bit": {"/layers.0/mlp/down_proj/MatMul": "its error"},
+           "eight_bit_block_size": 32,
            "decode_tokens_per_s": {"float32": 31.0, "static": 47.0},
            "decode_threads": 2, "prompt": "Name the capital of France.", "reply": "Paris."}
     markdown = "\n\n".join(pretrained_section(ran))
     for fragment in ("| file MB | 654 | 256 (39%) |", "1.0023 (+0.23%)", "| decode tok/s (2 threads) | 31 | 47 |",
                      "99.92%", "1 of 121 weight MatMuls have 8-bit block weights",
+                     "all of them (the faster kernel there), in blocks of 32:",
                      "- `/layers.0/mlp/down_proj/MatMul`: its error", "1 stayed float:",
                      "- `/lm_head/MatMul`: the LM head stays float",
                      "```text\nParis.\n```", "| seconds | 12 | 12 | 12 | 12 | 12 |"):

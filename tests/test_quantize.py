@@ -91,9 +91,10 @@ def test_other_modes_pass_the_gate(exports, tmp_path, mode, options, kernel):
 
 
 def test_x86_vnni_gives_every_matmul_8_bit_blocks(exports, tmp_path):
-    """On VNNI, onnxruntime's 8-bit block kernel (MatMulNBits, activations rounded per block of 32 as it runs) decodes
-    faster than per-tensor static int8's MatMulIntegerToFloat, so that profile writes every MatMul that way: one
-    MatMulNBits each, unscaled, within the int8 gate (any x86 or ARM CPU runs the graph)."""
+    """On VNNI, onnxruntime's 8-bit block kernel (MatMulNBits, activations rounded to int8 per block as it runs)
+    decodes faster than per-tensor static int8's MatMulIntegerToFloat, and faster in blocks of 128 than of 32, so that
+    profile writes every MatMul that way: one MatMulNBits each, unscaled, blocks of 128 or of the power of two that
+    holds a narrower MatMul's inputs, within the int8 gate (any x86 or ARM CPU runs the graph)."""
     report = quantize(exports["fused"], tmp_path / "int8", calib=CALIB,
                       options=QuantizeOptions(target="x86-vnni", measure=False))
     assert report["target"] == "x86-vnni" and report["gate"]["passed"]
@@ -102,7 +103,10 @@ def test_x86_vnni_gives_every_matmul_8_bit_blocks(exports, tmp_path):
     assert report["executed"]["integer_ops"] == {"MatMulNBits": len(report["quantized"])}
     assert not report["smoothing"] and not report["executed"]["float_weight_matmuls"]
     graph = onnx.load(tmp_path / "int8" / "model.onnx", load_external_data=False).graph
-    assert {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"} == {8}
+    written = [{a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"]
+    assert {w["bits"] for w in written} == {8} and report["settings"]["eight_bit_block_size"] == 128
+    # nano: 64 inputs (q/k/v, o, gate/up, the LM head) in one block of 64; down_proj's 176 in two of 128
+    assert {(w["K"], w["block_size"]) for w in written} == {(64, 64), (176, 128)}
 
 
 def test_onnxruntime_says_nothing_but_each_attempt_and_the_summary(exports, tmp_path):

@@ -101,7 +101,8 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
 def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path):
     """Unsmoothed, the planted MatMul's per-tensor int8 estimate is too high: it becomes an 8-bit MatMulNBits (block
     scales, activations rounded per block as it runs), named with its reason, and the model passes the gate."""
-    options = QuantizeOptions(smoothquant=0, calib_samples=8, eval_windows=8, measure=False, target="x86")
+    options = QuantizeOptions(smoothquant=0, calib_samples=8, eval_windows=8, measure=False, target="x86",
+                              int8_block_size=64)
     report = quantize(planted, tmp_path / "int8", calib=[UD / "en_ewt_dev.txt", UD / "de_gsd_dev.txt"],
                       eval_data=[UD / "fr_gsd_dev.txt"], options=options)
     assert list(report["eight_bit"]) == [DOWN] and "int8 error" in report["eight_bit"][DOWN]
@@ -109,7 +110,8 @@ def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path
     assert report["gate"]["passed"] and DOWN in report["quantized"]
     graph = onnx.load(tmp_path / "int8" / "model.onnx").graph
     (written,) = ({a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits")
-    assert written["bits"] == 8 and written["block_size"] == report["settings"]["block_size"] == 32
+    # --int8-block-size over the profile's 32
+    assert written["bits"] == 8 and written["block_size"] == report["settings"]["eight_bit_block_size"] == 64
 
 
 def test_awq_scaling_lowers_the_int4_estimate(planted, tmp_path):
