@@ -44,11 +44,12 @@ from .runtime.reader import CHUNK, FORMAT_VERSION, MANIFEST, MODEL, TOKENIZER, W
 from .tables import print_summary
 
 # The LM head as a float, QDQ, dynamic int8 or int4 graph writes it: its MatMul, what rescales an integer result, and
-# what quantizes its input. All work position by position, so the last row's logits are unchanged; only a dynamic
-# quantization's scale then comes from the last row alone, as it does in every decode step.
+# what prepares its input: quantizes it or, for a head on a GGUF's Q4_1 grid, appends its block sums (weight_grids.py).
+# All work position by position, so the last row's logits are unchanged; only a dynamic quantization's scale then
+# comes from the last row alone, as it does in every decode step.
 HEAD_MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 HEAD_RESCALE = {"Mul", "Cast", "Add"}
-HEAD_INPUT_QUANTIZATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+HEAD_INPUT_PREPARATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Concat"}
 METADATA = ("spj.config", "spj.graph", "spj.quantization")  # written by `spj-edge export` and the quantizer
 CHECK_PROMPT, CHECK_TOKENS = "Once upon a time, in a land far away,", 32
 
@@ -174,7 +175,7 @@ def _head_input_node(graph: onnx.GraphProto, logits: str) -> onnx.NodeProto | No
         node = producers.get(node.input[0])
     if node is None or node.op_type not in HEAD_MATMULS:
         return None
-    while (before := producers.get(node.input[0])) is not None and before.op_type in HEAD_INPUT_QUANTIZATION:
+    while (before := producers.get(node.input[0])) is not None and before.op_type in HEAD_INPUT_PREPARATION:
         node = before
     return node
 

@@ -81,31 +81,69 @@ def one_matmul(w: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def held_weights(node: onnx.NodeProto, arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """The [K', N] weights (float64) a written MatMulNBits holds: step · (code − zero point) per block, the zero
+    point 2^(bits-1) without its zero-point input."""
+    attributes = {a.name: a.i for a in node.attribute}
+    bits, k, n = attributes["bits"], attributes["K"], attributes["N"]
+    packed, steps = arrays[node.input[1]], arrays[node.input[2]]
+    codes = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:2], -1)
+    blocks = codes.shape[1]
+    if len(node.input) > 3:
+        zeros = np.stack([arrays[node.input[3]] & 15, arrays[node.input[3]] >> 4], -1).reshape(n, -1)[:, :blocks]
+    else:
+        zeros = np.full((n, blocks), 1 << (bits - 1))
+    held = steps.reshape(n, blocks)[..., None].astype(np.float64) * (codes - zeros[..., None].astype(np.float64))
+    return held.reshape(n, -1).T[:k]
+
+
+def effective_weights(held: np.ndarray, k: int) -> np.ndarray:
+    """What multiplies each of x's k inputs: its own weight, plus its block's sum's where the input has them appended."""
+    weights = held[:k].copy()
+    if len(held) > k:
+        weights += np.repeat(held[k:], weight_grids.BLOCK, axis=0)[:k]
+    return weights
+
+
+def with_block_sums(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, x.reshape(*x.shape[:-1], -1, weight_grids.BLOCK).sum(-1)], -1)
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "K-quant"])
 def test_the_written_graph_computes_the_grids_weights(qtype):
-    """MatMulNBits (accuracy level 0: float arithmetic) plus the block-sum correction against x @ w in float64. The
-    bound is float32 summation's, per output: (terms + 2) · eps times the sum of the magnitudes of every product
-    summed, the correction's included (x's block sums times the offsets)."""
+    """The weights written reproduce the grid's: exactly (to its acceptance and float32's rounding) without offsets;
+    with them (Q4_1, K-quants) to within half a step of each residual's 4-bit rounding, which is at most 1/14 of the
+    largest of the 32 residuals it shares a scale with (1/28 of a step for Q4_1, whose residuals are half a step). The graph computes [x, x's block sums] @ those weights
+    (accuracy level 0: float arithmetic) to float32 summation's bound, per output: (terms + 2) · eps times the sum of
+    the magnitudes of the products, the block sums' own summation (32 terms) included."""
     w = k_quant_like() if qtype == "K-quant" else gguf_rounded(qtype)
     grid = weight_grids.find(w)
     proto = one_matmul(w)
     weight_grids.write(proto, ["/proj/MatMul"], accuracy_level=0)
     assert [n.op_type for n in proto.graph.node] == (
-        ["MatMulNBits"] if grid.offsets is None else ["MatMulNBits", "Reshape", "ReduceSum", "MatMul", "Add"])
-    assert "/proj/weight" not in {i.name for i in proto.graph.initializer}
+        ["MatMulNBits"] if grid.offsets is None else ["Reshape", "ReduceSum", "Concat", "MatMulNBits"])
+    arrays = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    assert "/proj/weight" not in arrays
+    held = held_weights(proto.graph.node[-1], arrays)
+    blocks = K // weight_grids.BLOCK
+    residual_error = 0.0
+    if grid.offsets is not None:
+        assert held.shape == (K + blocks, N)
+        residual_scales = arrays["/proj/weight.steps"].reshape(N, -1)[:, blocks:]  # one per 32 residuals
+        residual_error = np.abs(np.repeat(residual_scales.T, weight_grids.BLOCK * weight_grids.BLOCK, axis=0)[:K]) / 2
+        largest_residuals = np.abs(held[K:]).max(0)
+        assert np.all(residual_error <= largest_residuals / 14 * (1 + 1e-6))
+        if qtype == "Q4_1":  # every block's range holds 0 (its minimum at code 0): residuals within half a step
+            assert np.all(largest_residuals <= np.abs(grid.steps).max(1) / 2 * (1 + 1e-6))
+    assert np.all(np.abs(effective_weights(held, K) - w) <= reconstruction_bound(w) + residual_error)
+
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(2).normal(0, 1, (1, 5, K)).astype(np.float32)
     produced = session.run(None, {"x": x})[0]
-    expected = x.astype(np.float64) @ w.astype(np.float64)
-    blocks = K // weight_grids.BLOCK
-    middle = 1 << (grid.bits - 1)
-    centred = (grid.steps[..., None] * (grid.codes.astype(np.float64) - middle)).reshape(N, K).T
-    magnitude = np.abs(x) @ np.abs(centred)
-    if grid.offsets is not None:
-        block_sums = np.abs(x).reshape(1, 5, blocks, weight_grids.BLOCK).sum(-1)
-        magnitude += block_sums @ np.abs(grid.offsets.T) + np.abs(x) @ np.abs(w)
-    bound = (K + blocks + 2) * EPS * magnitude + reconstruction_bound(w) * np.abs(x).sum(-1, keepdims=True)
-    assert np.all(np.abs(produced - expected) <= bound)
+    inputs = with_block_sums(x.astype(np.float64)) if grid.offsets is not None else x.astype(np.float64)
+    magnitude = (with_block_sums(np.abs(x)) if grid.offsets is not None else np.abs(x)) @ np.abs(held)
+    bound = (len(held) + weight_grids.BLOCK + 2) * EPS * magnitude
+    assert np.all(np.abs(produced - inputs @ held) <= bound)
 
 
 def run(*args) -> None:
@@ -139,14 +177,17 @@ def test_int4_of_an_imported_gguf_keeps_its_grids_and_packages(tmp_path):
         weight = float_weights[next(n for n in float_graph.node if n.name == name).input[1]]
         scope = name.rsplit("/", 1)[0]
         node = next(n for n in quantized.graph.node if n.name == f"{scope}/MatMulNBits")
-        packed, steps = arrays[node.input[1]], arrays[node.input[2]]
-        codes = packed if bits == 8 else np.stack([packed & 15, packed >> 4], -1).reshape(*packed.shape[:2], -1)
-        held = steps.reshape(codes.shape[:2])[..., None] * (codes.astype(np.float32) - (1 << (bits - 1)))
-        offsets = arrays.get(f"{node.input[1].rsplit('.', 1)[0]}.offsets")
-        if offsets is not None:
-            held += offsets.T[..., None]
-        assert np.abs(held.reshape(held.shape[0], -1).T - weight).max() <= reconstruction_bound(weight), name
+        held = held_weights(node, arrays)
+        k = weight.shape[0]
+        # a grid with offsets: its residuals rounded to 4 bits, each off by at most 1/14 of the largest of its 32
+        residual_error = np.abs(held[k:]).max() / 14 if len(held) > k else 0.0
+        assert np.abs(effective_weights(held, k) - weight).max() <= reconstruction_bound(weight) + residual_error, name
 
     run("package", "--model", tmp_path / "int4", "--out", tmp_path / "int4.spj")
     manifest = json.loads((tmp_path / "int4.spj" / "spj.json").read_text())
     assert manifest["logits"] == "last" and manifest["checks"]["package"]["greedy_identical"]
+    # the head's block sums are taken of the last position alone, as its MatMul is
+    packaged = onnx.load(str(tmp_path / "int4.spj" / "model.onnx"), load_external_data=False).graph
+    readers = {n.name: list(n.input) for n in packaged.node if n.name.startswith("/lm_head/block_sums/")}
+    assert readers["/lm_head/block_sums/Reshape"][0] == readers["/lm_head/block_sums/Concat"][0] == \
+        "/lm_head/last_position/Gather_output_0"
