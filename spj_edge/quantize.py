@@ -11,8 +11,8 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
   template is also calibrated on conversations in it.
 - A real LM's outlier channels are smoothed into the weights, and a MatMul whose output static int8 would still
   break (its activations' one scale too coarse: SmolLM2's down_proj) gets 8-bit block weights instead, MatMulNBits
-  rounding its activations to int8 per block as it runs, as llama.cpp's Q8_0 does; both decided from the
-  calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
+  rounding its activations to int8 per block as it runs, as llama.cpp's Q8_0 does, smoothed for that rounding;
+  all decided from the calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
   On a VNNI CPU every MatMul gets them, in blocks of 128: onnxruntime's block kernel is the faster one there, and
   faster the larger its blocks (exporters/README.md).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).
@@ -589,7 +589,15 @@ def scaling_plan(float_model: ExportArtifact, statistics: smoothquant.Activation
     nodes = {n.name: n for n in proto.graph.node}
     found = smoothquant.folds(proto, float_model.config)
     plan = smoothquant.plan(proto, statistics, found, matmuls, mode, recipe.options.smoothquant, exact=on_grid)
-    scales = smoothquant.apply(proto, found, plan, [m for m in matmuls if not (static and m in plan.kept)])
+    if static and plan.kept:  # what goes into 8-bit blocks is scaled for them (their estimates stay per tensor's)
+        blocks = smoothquant.plan(proto, statistics, found, list(plan.kept),
+                                  smoothquant.eight_bit_blocks(recipe.eight_bit_block_size), recipe.options.smoothquant,
+                                  exact=on_grid)
+        plan.alpha.update(blocks.alpha)
+        plan.scales.update(blocks.scales)
+        for name in set(plan.kept) - set(blocks.scales):
+            plan.scales.pop(name, None)
+    scales = smoothquant.apply(proto, found, plan, matmuls)
     scaled = tmp / "scaled.onnx"
     onnx.save(proto, str(scaled), save_as_external_data=True, location=f"{scaled.name}.data")
     float_model.forget_graph()  # its weights are the scaled ones now
@@ -704,9 +712,8 @@ def build_report(model_dir: Path, float_model: ExportArtifact, recipe: Recipe, c
                      "calibration_feeds": (f"per sample, a prefill of {PREFILL} tokens then {DECODE} cached decode "
                                            "steps" if calibration_samples else None)},
         "quantized": outcome.quantized,
-        # static int8 leaves unscaled what it writes in 8-bit blocks (smoothquant.apply)
-        "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded
-                       and not (mode == "static" and n in outcome.eight_bit)} if outcome.plan else {}),
+        "smoothing": ({n: a for n, a in outcome.plan.alpha.items() if a and n not in outcome.excluded}
+                      if outcome.plan else {}),
         f"estimated_{'int4' if mode == 'int4' else 'int8'}_error": (
             {n: round(e, 5) for n, e in outcome.plan.error.items()} if outcome.plan else {}),
         "eight_bit": outcome.eight_bit,

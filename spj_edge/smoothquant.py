@@ -13,7 +13,9 @@ per output column. The division is folded into whatever makes the input, so the 
 α is chosen per MatMul, the one that minimises the int8 error of its output on the calibration sample; a MatMul whose
 error stays over the target profile's `blockwise_above` after that gets 8-bit weights in blocks instead, its activations
 rounded per block as the kernel runs (x86 and arm64: 2.5 %, on SmolLM2 every `down_proj` and a few `o_proj`; x86-vnni:
-0, every MatMul, as onnxruntime's block kernel is the faster one there).
+0, every MatMul, as onnxruntime's block kernel is the faster one there), and its α is chosen again by the estimate of
+that rounding (an outlier channel coarsens the rest of its block: SmolLM2 in blocks of 128, +0.34 → +0.11 % bits per
+byte).
 The activation ranges then go to ONNX Runtime's quantizer as its own calibration cache, so that its calibrators
 (minutes and gigabytes on a 135M model) never run.
 int4 (weights only, in blocks of 32) folds AWQ's scales the same way: s_j = mean|x_j|^α, α per MatMul by the
@@ -29,6 +31,9 @@ import onnx
 from onnx import numpy_helper
 
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+# 8-bit blocks round the weights finely enough that an outlier can go further into them; their input's rounding
+# only spoils the block an outlier is in, so less scaling may do
+BLOCK_ALPHAS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9)
 INT4_ALPHAS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)  # AWQ's; on SmolLM2-135M it picks 0.1-0.5 from a grid of tenths
 # int4's estimate (weights alone rounded, in blocks of 32) on SmolLM2-135M: 2-12 % for every MatMul, 1.5-12 % after
 # AWQ's scaling, no outlier among them; over this, a MatMul gets 8-bit weights (MatMulNBits too) instead.
@@ -163,30 +168,49 @@ def int4_weight(w: np.ndarray, block: int) -> np.ndarray:
     return (np.clip(np.round(blocks / scale), -8, 7) * scale).reshape(-1, columns)[:rows]
 
 
+def _int8_blocks(a: np.ndarray, block: int, axis: int) -> np.ndarray:
+    """Symmetric int8 in blocks of `block` along `axis` (the input axis), dequantized: what MatMulNBits' 8-bit weights
+    hold and what its int8 compute makes of the activations, a scale per block of each row as it runs."""
+    moved = np.moveaxis(a, axis, -1)
+    length = moved.shape[-1]
+    blocks = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, -length % block)]).reshape(*moved.shape[:-1], -1, block)
+    scale = np.maximum(np.abs(blocks).max(-1, keepdims=True), 1e-12) / 127
+    rounded = (np.round(blocks / scale) * scale).reshape(*moved.shape[:-1], -1)[..., :length]
+    return np.moveaxis(rounded, -1, axis)
+
+
 @dataclass(frozen=True)
 class Mode:
     """How a quantization mode rounds a weight MatMul, for the estimates that choose its scaling and what it keeps at
     a higher precision (when its estimated error is over `keep_above`).
     static int8 (SmoothQuant): s_j = max|x_j|^α / max|W_j|^(1-α); the input is rounded too, per tensor.
+    8-bit blocks: the same scale; weights and input rounded per block of `block_size` inputs.
     int4 weights (AWQ): s_j = mean|x_j|^α, so that the channels that carry the most signal get the finest steps."""
     name: str
     alphas: tuple[float, ...]
     keep_above: float
-    block_size: int | None = None  # int4
+    block_size: int | None = None  # int4 and 8-bit blocks
 
     @property
     def activation_aware(self) -> bool:
-        return self.block_size is not None
+        return self.name == "int4"
 
     def product(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        if self.block_size is None:
-            return _uint8_activation(x) @ _int8_weight(w)
-        return x @ int4_weight(w, self.block_size)
+        if self.name == "int4":
+            return x @ int4_weight(w, self.block_size)
+        if self.name == "8-bit block":
+            return _int8_blocks(x, self.block_size, 1) @ _int8_blocks(w, self.block_size, 0)
+        return _uint8_activation(x) @ _int8_weight(w)
 
 
 def static(blockwise_above: float) -> Mode:
     """Static int8, a MatMul whose estimated error is over `blockwise_above` (the target profile's) in 8-bit blocks."""
     return Mode("int8", ALPHAS, blockwise_above)
+
+
+def eight_bit_blocks(block_size: int) -> Mode:
+    """What static int8 gives 8-bit block weights: scaled as its estimate says, never kept any higher."""
+    return Mode("8-bit block", BLOCK_ALPHAS, np.inf, block_size)
 
 
 def int4(block_size: int) -> Mode:

@@ -315,6 +315,9 @@ CASES = [
                                                      "--calib-samples", "0", "--out", out], "--calib-samples"),
     case("quantize-unknown-target", lambda w, out: ["quantize", "--model", w.export, "--calib", w.text, "--target",
                                                     "sparc", "--out", out], "--target sparc: no such profile"),
+    case("quantize-int8-block-size-48", lambda w, out: ["quantize", "--model", w.export, "--calib", w.text,
+                                                        "--int8-block-size", "48", "--out", out],
+         "--int8-block-size must be a power of two ≥ 16, got 48"),
     # --- package ------------------------------------------------------------------------------------------------------
     case("package-foreign-onnx", lambda w, out: ["package", "--model", w.ex_foreign, "--out", out],
          "{w.ex_foreign}/model.onnx: not written by spj-edge export"),

@@ -98,6 +98,22 @@ def test_an_outlier_channel_is_absorbed_by_smoothing(planted, tmp_path):
     assert smoothed_plan.error[DOWN] < plain_plan.error[DOWN] / 4
 
 
+def test_8_bit_blocks_are_smoothed_for_their_own_rounding(planted, tmp_path):
+    """x86-vnni gives every MatMul 8-bit blocks, whose input is rounded to int8 per block as the kernel runs: the
+    planted channel leaves the other inputs of its block a few levels, so the plan scales it by the estimate for
+    blocks (not per-tensor int8's), which falls, and that scale is the one applied."""
+    recipe = Recipe.of(QuantizeOptions(measure=False, target="x86-vnni"))
+    model, statistics = statistics_of(planted, tmp_path, recipe)
+    found = smoothquant.folds(model.proto, model.config)
+    mode = smoothquant.eight_bit_blocks(recipe.eight_bit_block_size)
+    scaled = smoothquant.plan(model.proto, statistics, found, [DOWN], mode)
+    plain = smoothquant.plan(model.proto, statistics, found, [DOWN], mode, alpha=0)
+    assert scaled.alpha[DOWN] > 0 and scaled.error[DOWN] < plain.error[DOWN] / 2
+    plan, _, _ = scaling_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path)
+    assert DOWN in plan.kept and plan.alpha[DOWN] == scaled.alpha[DOWN]
+    assert np.array_equal(plan.scales[DOWN], scaled.scales[DOWN])
+
+
 def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path):
     """Unsmoothed, the planted MatMul's per-tensor int8 estimate is too high: it becomes an 8-bit MatMulNBits (block
     scales, activations rounded per block as it runs), named with its reason, and the model passes the gate."""
