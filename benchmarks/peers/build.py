@@ -7,9 +7,10 @@ in their own venvs (setup.sh). Each step is skipped when its output exists, so a
 
     hf/                    the checkpoint every engine starts from (config.json, model.safetensors, tokenizer files)
     onnx/ int8/ int4/      spj-edge export, spj-edge quantize (static int8, int4), each gated on held-out text
-    fp32.spj int8.spj int4.spj   spj-edge package of each
+    int4-b128/             small: int4 in blocks of 128 weights (--block-size 128) where the default is 32
+    fp32.spj int8.spj int4.spj int4-b128.spj   spj-edge package of each
     gguf/{f16,q8_0,q4_0}.gguf    llama.cpp: convert_hf_to_gguf.py, then llama_model_quantize
-    genai/{fp32,int4}/     onnxruntime-genai's model builder
+    genai/{fp32,int4}/     onnxruntime-genai's model builder; small: genai/int4-b128/ too (block_size=128)
     prompt.json            the prompt ids every engine is given (32 and 128 tokens of real text)
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ PROMPT_LENGTHS = (32, 128)
 # llama.cpp's convert script knows a tokenizer by a hash of how it splits a test string. Ours is a byte-level BPE
 # with GPT-2's split pattern (tokenizers' ByteLevel pre-tokenizer), which llama.cpp calls "gpt-2".
 SPJ_PRE_TOKENIZER = "gpt-2"
+# int4 as each tool writes it by default (blocks of 32 weights a scale), and in blocks of 128: (name, our quantize
+# flags, genai builder flags). onnxruntime's int8-compute kernel, which both run, is faster the longer its blocks.
+INT4_VARIANTS = (("int4", [], []),
+                 ("int4-b128", ["--block-size", "128"], ["--extra_options", "block_size=128"]))
 
 
 def work_dir(model: str) -> Path:
@@ -92,17 +97,19 @@ def prompts(hf: Path, out: Path) -> None:
 
 
 # --- ours ------------------------------------------------------------------------------------------------------------
-def ours(work: Path) -> None:
+def ours(work: Path, model: str) -> None:
     """export → quantize (static int8, int4) → package, with the CLI. --force: the gate's verdict is kept in each
     report.json (run.py and the README say which failed) but the speed table needs the model either way; on random
-    weights (`small`) the gate means nothing."""
+    weights (`small`) the gate means nothing. SmolLM2's int4 keeps its GGUF's blocks of 32, so only `small` has an
+    int4 in blocks of 128 too."""
     if not (work / "onnx").exists():
         run(SPJ, "export", "--model", work / "hf", "--out", work / "onnx")
-    for mode, extra in (("int8", []), ("int4", ["--mode", "int4"])):
+    int4 = INT4_VARIANTS if model == "small" else INT4_VARIANTS[:1]
+    for mode, extra in (("int8", []), *((name, ["--mode", "int4", *flags]) for name, flags, _ in int4)):
         if not (work / mode).exists():
             run(SPJ, "quantize", "--model", work / "onnx", "--out", work / mode, *extra, "--calib", *CALIB,
                 "--eval", *EVAL, "--force")
-    for source, name in (("onnx", "fp32"), ("int8", "int8"), ("int4", "int4")):
+    for source, name in (("onnx", "fp32"), ("int8", "int8"), *((name, name) for name, _, _ in int4)):
         if not (work / f"{name}.spj").exists():
             run(SPJ, "package", "--model", work / source, "--out", work / f"{name}.spj")
 
@@ -116,13 +123,14 @@ def llama(work: Path, model: str) -> None:
         run(LLAMA_PY, HERE / "llama_convert.py", work / "hf", gguf, *pre)
 
 
-def genai(work: Path) -> None:
+def genai(work: Path, model: str) -> None:
     require(GENAI_PY, "run benchmarks/peers/setup.sh genai")
-    for precision in ("fp32", "int4"):
-        out = work / "genai" / precision
+    int4 = INT4_VARIANTS if model == "small" else INT4_VARIANTS[:1]
+    for name, precision, extra in (("fp32", "fp32", []), *((name, "int4", builder) for name, _, builder in int4)):
+        out = work / "genai" / name
         if not (out / "genai_config.json").exists():
             run(GENAI_PY, "-m", "onnxruntime_genai.models.builder", "-i", work / "hf", "-o", out, "-p", precision,
-                "-e", "cpu", "-c", work / "genai" / f".cache-{precision}")
+                "-e", "cpu", "-c", work / "genai" / f".cache-{name}", *extra)
 
 
 STEPS = ("ours", "llama", "genai")
@@ -134,11 +142,11 @@ def build(model: str, only: list[str]) -> None:
     checkpoint(model, work / "hf")
     prompts(work / "hf", work / "prompt.json")
     if "ours" in only:
-        ours(work)
+        ours(work, model)
     if "llama" in only:
         llama(work, model)
     if "genai" in only:
-        genai(work)
+        genai(work, model)
 
 
 def main():

@@ -52,6 +52,9 @@ def configs(work: Path, torch: bool) -> list[Config]:
         Config("genai", "onnxruntime-genai", "int4", work / "genai" / "int4"),
         Config("llama", "llama.cpp Q4_0", "int4", work / "gguf" / "q4_0.gguf"),
         Config("spj", "spj-edge", "int4", work / "int4.spj"),
+        # both in blocks of 128 weights a scale instead of 32 (build.py makes them for `small`)
+        Config("genai", "onnxruntime-genai, blocks of 128", "int4", work / "genai" / "int4-b128"),
+        Config("spj", "spj-edge, blocks of 128", "int4", work / "int4-b128.spj"),
     ]
     chosen = [c for c in listed if (torch or c.engine != "torch")]
     missing = [c for c in chosen if not c.model.exists() or not PYTHON[c.engine].exists()]
@@ -172,7 +175,7 @@ def gate_of(config: Config) -> dict | None:
     """Our quantized packages' accuracy gate, as quantize wrote it: the table says which were forced through it."""
     if config.engine != "spj" or config.precision == "float":
         return None
-    report = config.model.parent / config.precision / "report.json"
+    report = config.model.with_suffix("") / "report.json"  # int4.spj was packaged from int4/
     if not report.exists():
         return None
     gate = json.loads(report.read_text())["gate"]
