@@ -12,7 +12,8 @@ What makes static int8 work for a decoder LM (and what goes wrong without it):
 - A real LM's outlier channels are smoothed into the weights, and a MatMul whose output static int8 would still
   break (its activations' one scale too coarse: SmolLM2's down_proj) gets 8-bit block weights instead, MatMulNBits
   rounding its activations to int8 per block as it runs, as llama.cpp's Q8_0 does, smoothed for that rounding;
-  all decided from the calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls read 106 MB a token.)
+  all decided from the calibration statistics (smoothquant.py). (Kept in float32, SmolLM2-135M's 41 such MatMuls
+  read 106 MB a token.)
   On a VNNI CPU every MatMul gets them, in blocks of 128: onnxruntime's block kernel is the faster one there, and
   faster the larger its blocks (exporters/README.md).
 - Settings per CPU come from a target profile (exporters/*.json): u8s8, or u8u8 on x86 without VNNI (no saturation).

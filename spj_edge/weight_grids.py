@@ -182,12 +182,13 @@ def write(proto: onnx.ModelProto, matmuls: list[str], accuracy_level: int) -> No
                     helper.make_node("Concat", [source, sums], [appended[source]], name=f"{scope}/block_sums/Concat",
                                      axis=-1)]
             source = appended[source]
-        added += [numpy_helper.from_array(codes if grid.bits == 8 else _packed(codes), f"{stem}.q{grid.bits}"),
-                  numpy_helper.from_array(steps.reshape(-1), f"{stem}.steps")]
+        tensors = [numpy_helper.from_array(codes if grid.bits == 8 else _packed(codes), f"{stem}.q{grid.bits}"),
+                   numpy_helper.from_array(steps.reshape(-1), f"{stem}.steps")]
         if zeros is not None:
-            added.append(numpy_helper.from_array(_packed(zeros), f"{stem}.zero_points"))
+            tensors.append(numpy_helper.from_array(_packed(zeros), f"{stem}.zero_points"))
+        added += tensors
         replacement.append(helper.make_node(
-            "MatMulNBits", [source, *(a.name for a in added[-3 if zeros is not None else -2:])], [node.output[0]],
+            "MatMulNBits", [source, *(t.name for t in tensors)], [node.output[0]],
             name=f"{scope}/MatMulNBits", domain="com.microsoft", K=inputs, N=n, bits=grid.bits, block_size=BLOCK,
             accuracy_level=accuracy_level))
         index = list(graph.node).index(node)
