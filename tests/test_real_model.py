@@ -15,6 +15,7 @@ import pytest
 from conftest import SHAKESPEARE, UD
 from smollm2 import GGUF, IM_END
 from spj_edge import evaluate as ev
+from spj_edge import smoothquant
 from spj_edge.artifact import open_export
 from spj_edge.export import export
 from spj_edge.import_gguf import import_gguf
@@ -77,12 +78,16 @@ def test_every_matmul_kept_in_float_is_named_with_its_reason(pipeline):
 
 def test_matmuls_static_int8_would_break_get_8_bit_block_weights_not_float(pipeline):
     """SmolLM2's down_proj inputs have outlier channels no per-tensor scale fits (smoothquant.py): those MatMuls run
-    as 8-bit MatMulNBits, each named with its estimated int8 error, and none of them is left in float."""
+    as 8-bit MatMulNBits, each named with its estimated int8 error, and none of them is left in float. The same
+    outliers spoil the blocks their inputs are rounded in, so down_proj's are smoothed for the blocks."""
     report = pipeline[1]["quantize"]
     eight_bit = report["eight_bit"]
     assert any("down_proj" in name for name in eight_bit), eight_bit
     assert all("int8 error" in why for why in eight_bit.values()), eight_bit
-    assert set(eight_bit) <= set(report["quantized"]) and not set(eight_bit) & set(report["smoothing"])
+    assert set(eight_bit) <= set(report["quantized"])
+    smoothed = {name: alpha for name, alpha in report["smoothing"].items() if name in eight_bit}
+    assert set(smoothed.values()) <= set(smoothquant.BLOCK_ALPHAS), smoothed
+    assert any("down_proj" in name for name in smoothed), smoothed
     assert report["executed"]["integer_ops"]["MatMulNBits"] == len(eight_bit)
     assert not report["executed"]["float_weight_matmuls"]
 
