@@ -43,6 +43,11 @@ INT4_VARIANTS = (("int4", [], []),
                  ("int4-b128", ["--block-size", "128"], ["--extra_options", "block_size=128"]))
 
 
+def int4_variants(model: str) -> tuple:
+    """SmolLM2's int4 keeps its GGUF's blocks of 32, so only `small` has an int4 in blocks of 128 too."""
+    return INT4_VARIANTS if model == "small" else INT4_VARIANTS[:1]
+
+
 def work_dir(model: str) -> Path:
     return HERE / ".work" / model
 
@@ -100,11 +105,10 @@ def prompts(hf: Path, out: Path) -> None:
 def ours(work: Path, model: str) -> None:
     """export → quantize (static int8, int4) → package, with the CLI. --force: the gate's verdict is kept in each
     report.json (run.py and the README say which failed) but the speed table needs the model either way; on random
-    weights (`small`) the gate means nothing. SmolLM2's int4 keeps its GGUF's blocks of 32, so only `small` has an
-    int4 in blocks of 128 too."""
+    weights (`small`) the gate means nothing."""
     if not (work / "onnx").exists():
         run(SPJ, "export", "--model", work / "hf", "--out", work / "onnx")
-    int4 = INT4_VARIANTS if model == "small" else INT4_VARIANTS[:1]
+    int4 = int4_variants(model)
     for mode, extra in (("int8", []), *((name, ["--mode", "int4", *flags]) for name, flags, _ in int4)):
         if not (work / mode).exists():
             run(SPJ, "quantize", "--model", work / "onnx", "--out", work / mode, *extra, "--calib", *CALIB,
@@ -125,7 +129,7 @@ def llama(work: Path, model: str) -> None:
 
 def genai(work: Path, model: str) -> None:
     require(GENAI_PY, "run benchmarks/peers/setup.sh genai")
-    int4 = INT4_VARIANTS if model == "small" else INT4_VARIANTS[:1]
+    int4 = int4_variants(model)
     for name, precision, extra in (("fp32", "fp32", []), *((name, "int4", builder) for name, _, builder in int4)):
         out = work / "genai" / name
         if not (out / "genai_config.json").exists():
