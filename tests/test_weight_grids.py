@@ -15,6 +15,8 @@ from onnx import TensorProto, helper, numpy_helper
 from conftest import SHARED_DATA, cli
 from spj_edge import weight_grids
 from spj_edge.import_gguf import import_gguf
+from spj_edge.options import QuantizeOptions
+from spj_edge.quantize import Recipe, kept_grids
 from test_import_gguf import write_tiny_gguf
 
 EPS = np.finfo(np.float32).eps
@@ -151,6 +153,20 @@ def run(*args) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("target, int8_block_size, regridded", [
+    ("x86", None, False), ("arm64", None, False), ("x86-vnni", None, True), ("x86-vnni", 32, False)])
+def test_an_8_bit_grid_goes_into_longer_8_bit_blocks(target, int8_block_size, regridded):
+    """int4 keeps every 4-bit grid; an 8-bit one (Q8_0's blocks of 32) only where the target's 8-bit blocks are no
+    longer, and otherwise goes into them with a reason naming both sizes."""
+    recipe = Recipe.of(QuantizeOptions(mode="int4", target=target, int8_block_size=int8_block_size))
+    kept, moved = kept_grids({"/q4": 4, "/q8": 8}, recipe)
+    assert kept == ({"/q4": 4} if regridded else {"/q4": 4, "/q8": 8})
+    assert list(moved) == (["/q8"] if regridded else [])
+    if regridded:
+        assert f"blocks of {weight_grids.BLOCK}" in moved["/q8"] and f"blocks of {recipe.eight_bit_block_size}" in \
+            moved["/q8"] and recipe.eight_bit_block_size > weight_grids.BLOCK
+
+
 @pytest.mark.slow  # import, export, quantize and package of a 49,152-token vocabulary: 40 s of the fast tier's budget
 def test_int4_of_an_imported_gguf_keeps_its_grids_and_packages(tmp_path):
     """The tiny GGUF with a Q4_1 embedding (so the tied LM head needs the block-sum correction, which the package's
@@ -163,7 +179,8 @@ def test_int4_of_an_imported_gguf_keeps_its_grids_and_packages(tmp_path):
     ud = SHARED_DATA / "corpus" / "ud"
     kept = "/layers.0/mlp/down_proj/MatMul"  # on a grid, but kept in float when asked: not reported on it
     run("quantize", "--model", tmp_path / "onnx", "--out", tmp_path / "int4", "--mode", "int4", "--force",
-        "--calib", ud / "en_ewt_dev.txt", "--eval", ud / "en_ewt_test.txt", "--exclude", kept)
+        "--calib", ud / "en_ewt_dev.txt", "--eval", ud / "en_ewt_test.txt", "--exclude", kept,
+        "--target", "x86")  # 8-bit blocks of 32: its Q8_0 grid kept too (kept_grids)
     report = json.loads((tmp_path / "int4" / "report.json").read_text())
     assert report["on_grid"] == {"/layers.0/self_attn/o_proj/MatMul": 4, "/layers.1/self_attn/o_proj/MatMul": 4,
                                  "/layers.1/mlp/down_proj/MatMul": 8, "/lm_head/MatMul": 4}

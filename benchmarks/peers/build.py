@@ -10,6 +10,8 @@ in their own venvs (setup.sh). Each step is skipped when its output exists, so a
     int4-b128/             small: int4 in blocks of 128 weights (--block-size 128) where the default is 32
     fp32.spj int8.spj int4.spj int4-b128.spj   spj-edge package of each
     gguf/{f16,q8_0,q4_0}.gguf    llama.cpp: convert_hf_to_gguf.py, then llama_model_quantize
+    gguf/shipped.gguf      smollm2: a link to the shared GGUF itself (Q4_1, its LM head Q8_0), as llama.cpp's users
+                           run it: the same grids as our int4, so the same quality
     genai/{fp32,int4}/     onnxruntime-genai's model builder; small: genai/int4-b128/ too (block_size=128)
     prompt.json            the prompt ids every engine is given (32 and 128 tokens of real text)
 """
@@ -125,6 +127,8 @@ def llama(work: Path, model: str) -> None:
     if not (gguf / "q4_0.gguf").exists():
         pre = ["--pre-tokenizer", SPJ_PRE_TOKENIZER] if model == "small" else []
         run(LLAMA_PY, HERE / "llama_convert.py", work / "hf", gguf, *pre)
+    if model == "smollm2" and not (gguf / "shipped.gguf").exists():
+        (gguf / "shipped.gguf").symlink_to(SMOLLM2_GGUF)
 
 
 def genai(work: Path, model: str) -> None:

@@ -1,5 +1,6 @@
-"""Issue 13's quality reference: llama.cpp's F16/Q8_0/Q4_0 (and onnxruntime-genai's int4) of SmolLM2 measured with
-the figures and on the windows of spj-edge's own quantizer gate, beside our int8 and int4 exports.
+"""Issue 13's quality reference: llama.cpp's F16/Q8_0/Q4_0 and the shipped GGUF (Q4_1), and onnxruntime-genai's
+int4, of SmolLM2, measured with the figures and on the windows of spj-edge's own quantizer gate, beside our int8 and
+int4 exports.
 
     .venv/bin/python benchmarks/peers/quality.py [smollm2]
 
@@ -72,6 +73,8 @@ def modes(work: Path) -> list[Mode]:
               Mode("spj-edge int4", "onnx", work / "int4" / "model.onnx", work / "int4" / "model.onnx"),
               Mode("llama.cpp Q8_0", "llama", work / "gguf" / "q8_0.gguf", work / "gguf" / "q8_0.gguf"),
               Mode("llama.cpp Q4_0", "llama", work / "gguf" / "q4_0.gguf", work / "gguf" / "q4_0.gguf"),
+              Mode("llama.cpp Q4_1, the GGUF as shipped", "llama", work / "gguf" / "shipped.gguf",
+                   work / "gguf" / "shipped.gguf"),
               Mode("llama.cpp F16 (pipeline check)", "llama", work / "gguf" / "f16.gguf", work / "gguf" / "f16.gguf"),
               Mode("onnxruntime-genai int4", "genai", work / "genai" / "int4", work / "genai" / "int4"),
               Mode("llama.cpp F32 (pipeline check)", "llama", work / "gguf" / "f32.gguf", work / "gguf" / "f32.gguf")]

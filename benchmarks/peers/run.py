@@ -51,6 +51,8 @@ def configs(work: Path, torch: bool) -> list[Config]:
         Config("spj", "spj-edge static", "int8", work / "int8.spj"),
         Config("genai", "onnxruntime-genai", "int4", work / "genai" / "int4"),
         Config("llama", "llama.cpp Q4_0", "int4", work / "gguf" / "q4_0.gguf"),
+        # SmolLM2's GGUF as it comes (Q4_1, a Q8_0 LM head): the grids our int4 keeps
+        Config("llama", "llama.cpp Q4_1, the GGUF as shipped", "int4", work / "gguf" / "shipped.gguf"),
         Config("spj", "spj-edge", "int4", work / "int4.spj"),
         # both in blocks of 128 weights a scale instead of 32 (build.py makes them for `small`)
         Config("genai", "onnxruntime-genai, blocks of 128", "int4", work / "genai" / "int4-b128"),
