@@ -139,9 +139,9 @@ def test_the_int8_package_answers_and_stops_at_im_end(pipeline, tmp_path):
 
 def test_default_int4_keeps_the_gguf_grid_and_passes_the_int4_gate(pipeline, tmp_path):
     """The file's Q4_1 MatMuls are written on their own grid, so int4 adds no rounding of its own there, and its Q8_0
-    (tied) LM head goes into x86-vnni's 8-bit blocks of 128, smoothed for them: within the int4 gate's 3 % (measured:
-    +0.15 %) with every MatMul quantized, and it packages
-    (the package's own check: its greedy continuation is the quantized graph's). Not asked: the chat answer above.
+    (tied) LM head goes into x86-vnni's 8-bit blocks of 128: within the int4 gate's 3 % (measured: +0.15 %) with
+    every MatMul quantized, and it packages (the package's own check: its greedy continuation is the quantized
+    graph's). Not asked: the chat answer above.
     Its first token is a near tie in float32 (25.33 for "The", 25.24 for "L"), which onnxruntime's int8 rounding of
     the activations (accuracy level 4) flips, and the reply goes on in French."""
     report = quantize(pipeline[0] / "onnx", tmp_path / "int4", calib=CALIB, eval_data=HELDOUT,
@@ -151,5 +151,5 @@ def test_default_int4_keeps_the_gguf_grid_and_passes_the_int4_gate(pipeline, tmp
     head = "/lm_head/MatMul"
     assert set(report["on_grid"]) == set(report["quantized"]) - {head} and len(report["quantized"]) == 121
     assert set(report["on_grid"].values()) == {4} and list(report["eight_bit"]) == [head]
-    assert report["settings"]["eight_bit_block_size"] == 128 and report["smoothing"].get(head, 0) in smoothquant.BLOCK_ALPHAS
+    assert report["settings"]["eight_bit_block_size"] == 128
     assert package(tmp_path / "int4", tmp_path / "int4.spj")["checks"]["package"]["greedy_identical"]
