@@ -114,6 +114,23 @@ def test_8_bit_blocks_are_smoothed_for_their_own_rounding(planted, tmp_path):
     assert np.array_equal(plan.scales[DOWN], scaled.scales[DOWN])
 
 
+def test_int4_s_8_bit_matmuls_are_smoothed_for_their_blocks(planted, tmp_path):
+    """int4 too: a MatMul sent to 8-bit blocks (here as kept_grids sends a Q8_0 grid) takes the scale the estimate
+    for blocks chooses, not the one AWQ chose for 4 bits."""
+    recipe = Recipe.of(QuantizeOptions(mode="int4", measure=False, target="x86-vnni"))
+    model, statistics = statistics_of(planted, tmp_path, recipe)
+    found = smoothquant.folds(model.proto, model.config)
+    blocks = smoothquant.plan(model.proto, statistics, found, [DOWN],
+                              smoothquant.eight_bit_blocks(recipe.eight_bit_block_size))
+    awq = smoothquant.plan(model.proto, statistics, found, [DOWN], smoothquant.int4(recipe.options.block_size))
+    # blocks: 0.25 or 0.5 (errors 0.0029, 0.0029); AWQ for 4 bits: 0.75 (0.031, next 0.040)
+    assert blocks.alpha[DOWN] > 0 and blocks.alpha[DOWN] != awq.alpha[DOWN]
+    plan, _, _ = scaling_plan(model, statistics, recipe, weight_matmuls(model.proto), tmp_path,
+                              eight_bit={DOWN: "its 8-bit grid"})
+    assert plan.kept[DOWN] == "its 8-bit grid" and plan.alpha[DOWN] == blocks.alpha[DOWN]
+    assert np.array_equal(plan.scales[DOWN], blocks.scales[DOWN])
+
+
 def test_what_static_int8_would_break_gets_8_bit_block_weights(planted, tmp_path):
     """Unsmoothed, the planted MatMul's per-tensor int8 estimate is too high: it becomes an 8-bit MatMulNBits (block
     scales, activations rounded per block as it runs), named with its reason, and the model passes the gate."""
