@@ -48,7 +48,7 @@ from .tables import print_summary
 # All work position by position, so the last row's logits are unchanged; only a dynamic quantization's scale then
 # comes from the last row alone, as it does in every decode step.
 HEAD_MATMULS = {"MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
-HEAD_RESCALE = {"Mul", "Cast", "Add"}
+HEAD_RESCALE = {"Mul", "Cast", "Add", "Concat"}  # Concat: a head in column parts (quantize.in_column_parts)
 HEAD_INPUT_PREPARATION = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "Concat"}
 METADATA = ("spj.config", "spj.graph", "spj.quantization")  # written by `spj-edge export` and the quantizer
 CHECK_PROMPT, CHECK_TOKENS = "Once upon a time, in a land far away,", 32

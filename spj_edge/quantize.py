@@ -65,6 +65,8 @@ PERCENTILE = 99.999  # of each smoothed input's calibration sample, with --calib
 PREFILL, DECODE = CALIBRATION_PREFILL, CALIBRATION_DECODE
 QUANT_TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 HEAD = "/lm_head/MatMul"
+# The most bytes of one MatMulNBits weight (in_column_parts): onnxruntime holds a weight twice while it packs it
+WIDEST_WEIGHT = 8 << 20
 INTEGER_OPS = ("MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "MatMulInteger", "MatMulNBits")
 
 
@@ -316,7 +318,9 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
                 extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})  # float out: MatMulIntegerToFloat
         chosen = [n for n in nodes if n in eight_bit]
         if chosen:
-            onnx.save(block_quantized(onnx.load(str(target if static else source)), chosen, 8, recipe), str(target))
+            model = block_quantized(onnx.load(str(target if static else source)), chosen, 8, recipe)
+            in_column_parts(model)
+            onnx.save(model, str(target))
     elif recipe.mode == "dynamic":
         quantize_dynamic(str(source), str(target), op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes,
                          per_channel=recipe.per_channel, reduce_range=p.reduce_range,
@@ -328,6 +332,7 @@ def quantize_graph(source: Path, target: Path, recipe: Recipe, nodes: list[str],
             if chosen:
                 model = block_quantized(model, chosen, bits, recipe)
         weight_grids.write(model, [n for n in nodes if n in on_grid], options.accuracy_level)
+        in_column_parts(model)
         onnx.save(model, str(target))
 
 
@@ -351,6 +356,47 @@ def block_quantized(model: onnx.ModelProto, chosen: list[str], bits: int, recipe
         quantizer.process()
         model = quantizer.model.model
     return model
+
+
+def in_column_parts(model: onnx.ModelProto, widest: int = WIDEST_WEIGHT) -> None:
+    """Each MatMulNBits whose weight holds more than `widest` bytes as MatMulNBits over equal parts of its output
+    columns, joined by a Concat, in place. onnxruntime maps a weight from the file, packs it into memory of its own, and
+    unmaps it once packed: while loading, the largest weight is in memory twice, and an LM head (a third of
+    SmolLM2-135M's int4, packed last) sets the process's peak. Each output column is its own sum over the same blocks,
+    so the parts compute what the whole did."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
+        size = int(np.prod(weights[node.input[1]].dims))  # uint8
+        if size <= widest:
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        columns, parts = attributes["N"], -(-size // widest)
+        width = -(-columns // parts)
+        # by output column: the weight, its scales and zero points, a bias (inputs 1, 2, 3, 5; 4, g_idx, is by input)
+        by_column = {i: onnx.numpy_helper.to_array(weights[name]) for i, name in enumerate(node.input)
+                     if i in (1, 2, 3, 5) and name}
+        replacement, outputs = [], []
+        for start in range(0, columns, width):
+            stop = min(start + width, columns)
+            inputs = list(node.input)
+            for i, value in by_column.items():
+                part = value.reshape(columns, -1)[start:stop].reshape(-1, *value.shape[1:])
+                inputs[i] = f"{node.input[i]}.columns_{start}"
+                graph.initializer.append(onnx.numpy_helper.from_array(part, inputs[i]))
+            outputs.append(f"{node.name}/columns_{start}/MatMulNBits_output_0")
+            replacement.append(onnx.helper.make_node("MatMulNBits", inputs, [outputs[-1]], domain="com.microsoft",
+                                                     name=f"{node.name}/columns_{start}/MatMulNBits",
+                                                     **{**attributes, "N": stop - start}))
+        replacement.append(onnx.helper.make_node("Concat", outputs, list(node.output), name=f"{node.name}/Concat",
+                                                 axis=-1))
+        index = list(graph.node).index(node)
+        graph.node.remove(node)
+        for offset, new in enumerate(replacement):
+            graph.node.insert(index + offset, new)
+        for i in by_column:
+            if not any(node.input[i] in n.input for n in graph.node):
+                graph.initializer.remove(weights[node.input[i]])
 
 
 def quantize_embedding(path: Path) -> bool:

@@ -8,8 +8,10 @@ One pass of the pipeline is shared by the module (about 5 minutes on 2 quiet cor
 time of each step is printed (`pytest -s`).
 """
 import time
+from collections import Counter
 
 import numpy as np
+import onnx
 import pytest
 
 from conftest import SHAKESPEARE, UD
@@ -22,7 +24,7 @@ from spj_edge.import_gguf import import_gguf
 from spj_edge.onnx_lm import OnnxLM
 from spj_edge.options import EvalOptions, QuantizeOptions
 from spj_edge.package import package
-from spj_edge.quantize import quantize
+from spj_edge.quantize import WIDEST_WEIGHT, quantize
 from spj_edge.runtime import Generator
 
 pytestmark = pytest.mark.slow
@@ -88,8 +90,19 @@ def test_matmuls_static_int8_would_break_get_8_bit_block_weights_not_float(pipel
     smoothed = {name: alpha for name, alpha in report["smoothing"].items() if name in eight_bit}
     assert set(smoothed.values()) <= set(smoothquant.BLOCK_ALPHAS), smoothed
     assert any("down_proj" in name for name in smoothed), smoothed
-    assert report["executed"]["integer_ops"]["MatMulNBits"] == len(eight_bit)
+    written = matmul_nbits(pipeline[0] / "int8")
+    assert len(written) == len(eight_bit) and report["executed"]["integer_ops"]["MatMulNBits"] == sum(written.values())
     assert not report["executed"]["float_weight_matmuls"]
+
+
+def matmul_nbits(model_dir) -> Counter:
+    """Each MatMulNBits of a quantized graph's, counted with the parts of its columns it was written in (a weight over
+    quantize.WIDEST_WEIGHT: SmolLM2's 8-bit LM head)."""
+    graph = onnx.load(str(model_dir / "model.onnx")).graph
+    sizes = {t.name: np.prod(t.dims) for t in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert all(sizes[n.input[1]] <= WIDEST_WEIGHT for n in nodes)
+    return Counter(n.name.split("/columns_")[0] for n in nodes)
 
 
 def test_the_int8_file_is_under_45_percent_of_float32(pipeline):
@@ -152,4 +165,6 @@ def test_default_int4_keeps_the_gguf_grid_and_passes_the_int4_gate(pipeline, tmp
     assert set(report["on_grid"]) == set(report["quantized"]) - {head} and len(report["quantized"]) == 121
     assert set(report["on_grid"].values()) == {4} and list(report["eight_bit"]) == [head]
     assert report["settings"]["eight_bit_block_size"] == 128
+    parts = matmul_nbits(tmp_path / "int4")
+    assert len(parts) == 121 and parts["/lm_head/MatMul_Q8"] == 4, "31.5 MB in parts of at most 8 MiB"
     assert package(tmp_path / "int4", tmp_path / "int4.spj")["checks"]["package"]["greedy_identical"]

@@ -16,7 +16,7 @@ from conftest import SHARED_DATA, cli
 from spj_edge import weight_grids
 from spj_edge.import_gguf import import_gguf
 from spj_edge.options import QuantizeOptions
-from spj_edge.quantize import Recipe, kept_grids
+from spj_edge.quantize import Recipe, in_column_parts, kept_grids
 from test_import_gguf import write_tiny_gguf
 
 EPS = np.finfo(np.float32).eps
@@ -146,6 +146,40 @@ def test_the_written_graph_computes_the_grids_weights(qtype):
     magnitude = (with_block_sums(np.abs(x)) if grid.offsets is not None else np.abs(x)) @ np.abs(held)
     bound = (len(held) + weight_grids.BLOCK + 2) * EPS * magnitude
     assert np.all(np.abs(produced - inputs @ held) <= bound)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_a_wide_weight_in_column_parts_computes_what_it_did(qtype):
+    """quantize.in_column_parts: a MatMulNBits weight over the limit becomes MatMulNBits over parts of its columns, each
+    within the limit, joined in order by a Concat; the parts hold exactly the whole's weights (with Q4_1's zero points
+    and block sums), and compute its output at accuracy level 4 (what int4 ships: x rounded to int8 per block, the same
+    for every column) to float32's bound for summing the blocks' products in another order: 2 · (blocks + 1) · eps
+    times the sum of their magnitudes, |x| plus half an int8 step of its block's largest, times |w|."""
+    whole = one_matmul(gguf_rounded(qtype))
+    weight_grids.write(whole, ["/proj/MatMul"], accuracy_level=4)
+    parted = onnx.ModelProto.FromString(whole.SerializeToString())
+    weight = next(i for i in whole.graph.initializer if i.name.endswith((".q4", ".q8")))
+    widest = int(np.prod(weight.dims)) // 3 + 1
+    in_column_parts(parted, widest)
+
+    matmuls = [n for n in parted.graph.node if n.op_type == "MatMulNBits"]
+    assert len(matmuls) == 3 and parted.graph.node[-1].op_type == "Concat"
+    assert list(parted.graph.node[-1].input) == [m.output[0] for m in matmuls]
+    arrays = {i.name: numpy_helper.to_array(i) for i in parted.graph.initializer}
+    assert weight.name not in arrays and all(arrays[m.input[1]].nbytes <= widest for m in matmuls)
+    whole_arrays = {i.name: numpy_helper.to_array(i) for i in whole.graph.initializer}
+    held = held_weights(whole.graph.node[-1], whole_arrays)
+    assert np.array_equal(np.concatenate([held_weights(m, arrays) for m in matmuls], axis=1), held)
+
+    x = np.random.default_rng(3).normal(0, 1, (1, 5, K)).astype(np.float32)
+    produced = [ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                for p in (whole, parted)]
+    inputs = np.abs(with_block_sums(x) if len(held) > K else x)  # Q4_1's: K + K / 32 inputs, its last block short
+    blocks = -(-inputs.shape[-1] // weight_grids.BLOCK)
+    padded = np.pad(inputs, [(0, 0), (0, 0), (0, blocks * weight_grids.BLOCK - inputs.shape[-1])])
+    largest = np.repeat(padded.reshape(1, 5, blocks, -1).max(-1), weight_grids.BLOCK, -1)[..., :inputs.shape[-1]]
+    magnitude = (inputs + largest / 254) @ np.abs(held)
+    assert np.all(np.abs(produced[1] - produced[0]) <= 2 * (blocks + 1) * EPS * magnitude)
 
 
 def run(*args) -> None:
