@@ -362,8 +362,8 @@ def in_column_parts(model: onnx.ModelProto, widest: int = WIDEST_WEIGHT) -> None
     """Each MatMulNBits whose weight holds more than `widest` bytes as MatMulNBits over equal parts of its output
     columns, joined by a Concat, in place. onnxruntime maps a weight from the file, packs it into memory of its own, and
     unmaps it once packed: while loading, the largest weight is in memory twice, and an LM head (a third of
-    SmolLM2-135M's int4, packed last) sets the process's peak. Each output column is its own sum over the same blocks,
-    so the parts compute what the whole did."""
+    SmolLM2-135M's int4, packed last) sets the process's peak: 244 MB, 220 in four parts, decoding as fast. Each output
+    column is its own sum over the same blocks, so the parts compute what the whole did."""
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     for node in [n for n in graph.node if n.op_type == "MatMulNBits"]:
