@@ -371,7 +371,8 @@ def in_column_parts(model: onnx.ModelProto, widest: int = WIDEST_WEIGHT) -> None
         if size <= widest:
             continue
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        columns, parts = attributes["N"], -(-size // widest)
+        columns = attributes["N"]
+        parts = -(-columns // max(1, widest // (size // columns)))  # of whole columns, each within `widest`
         width = -(-columns // parts)
         # by output column: the weight, its scales and zero points, a bias (inputs 1, 2, 3, 5; 4, g_idx, is by input)
         by_column = {i: onnx.numpy_helper.to_array(weights[name]) for i, name in enumerate(node.input)
