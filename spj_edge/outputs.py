@@ -160,7 +160,7 @@ INLINE_MAX_BYTES = 1 << 30
 def write_onnx(proto, path: str | os.PathLike, external_data: bool | None = None) -> None:
     """Write an ONNX graph as `path`, its tensors of 1 KiB or more in `path`.data beside it when `external_data` (None:
     when the graph passes INLINE_MAX_BYTES). The small ones stay inside: shape inference reads them when loading.
-    `proto` gives up its tensors' bytes to the file when they go out (onnx moves them)."""
+    `proto` gives up its tensors' bytes to the file when they go out (they move)."""
     import onnx
 
     path = Path(path)
@@ -169,11 +169,21 @@ def write_onnx(proto, path: str | os.PathLike, external_data: bool | None = None
     if not external_data:
         onnx.save_model(proto, str(path))
         return
+    from onnx.external_data_helper import convert_model_to_external_data, set_external_data, uses_external_data
+
+    from .runtime.reader import WEIGHTS_WRITE_BYTES
+
     data = path.with_name(f"{path.name}.data")
-    data.unlink(missing_ok=True)  # onnx appends to it
-    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-                    size_threshold=1024)
-    data.chmod(path.stat().st_mode & 0o777)  # onnx creates it private; a service user reads a package's files
+    convert_model_to_external_data(proto, all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
+    with open(data, "wb") as weights:  # onnx's own writer writes a tensor at once (WEIGHTS_WRITE_BYTES: why not)
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor) and tensor.HasField("raw_data"):
+                offset, raw = weights.tell(), memoryview(tensor.raw_data)
+                for start in range(0, len(raw), WEIGHTS_WRITE_BYTES):
+                    weights.write(raw[start:start + WEIGHTS_WRITE_BYTES])
+                set_external_data(tensor, data.name, offset, len(raw))
+                tensor.ClearField("raw_data")
+    onnx.save_model(proto, str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import io
 import json
 import mmap
 import os
@@ -14,7 +16,9 @@ import onnx
 import pytest
 
 from conftest import SHAKESPEARE, UD, cli
+from spj_edge.outputs import write_onnx
 from spj_edge.runtime import Generator
+from spj_edge.runtime.reader import WEIGHTS_WRITE_BYTES, _copy_hashing
 from spj_edge.runtime.step import anonymous_mappings, release_weight_pages, weights_on_huge_pages
 
 CALIB = [UD / "en_ewt_dev.txt", SHAKESPEARE / "val.txt"]
@@ -115,6 +119,67 @@ def test_the_runtime_lets_go_of_the_weight_pages_onnxruntime_is_done_with(extern
     assert resident_kib(out / "model.onnx.data")[1] > 0  # the embedding's rows, read through the mapping
     assert release_weight_pages(out / "model.onnx.data") > 0
     assert list(generator.tokens(PROMPT, **options)) == tokens
+
+
+TOUCHES, WEIGHTS_MIB = 64, 32
+
+
+def resident_after_sparse_reads(path: Path) -> int:
+    """The KiB of `path` a process holds after reading one byte in each of TOUCHES pages spread over it through a
+    mapping, as a generation reads its tokens' embedding rows through onnxruntime's."""
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        for page in np.linspace(0, len(mapped) - 1, TOUCHES).astype(np.int64) // mmap.PAGESIZE:
+            mapped[int(page) * mmap.PAGESIZE]
+        return resident_kib(path)[1]
+
+
+# A touch maps the folio its page lies in, or the kernel's fault-around window (64 KiB) where that is larger.
+SMALL_FOLIOS_KIB = TOUCHES * 2 * WEIGHTS_WRITE_BYTES // 1024
+
+
+def written_at_once(path: Path) -> bytes:
+    """WEIGHTS_MIB of random bytes in one write, on disk and gone from the page cache: read back, they come in as
+    the kernel's readahead makes them."""
+    data = np.random.default_rng(0).integers(0, 256, WEIGHTS_MIB << 20, dtype=np.uint8).tobytes()
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return data
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads /proc/self/smaps (Linux)")
+def test_weights_written_by_a_stage_are_cached_in_small_folios(tmp_path):
+    """The weights file a stage writes stays in the page cache in folios no larger than its writes (one tensor's
+    bytes at once would make them up to 2 MB), so sparse reads map little of it. Fails with onnx's own writer."""
+    table = np.random.default_rng(0).integers(-128, 128, (WEIGHTS_MIB << 10, 1024), dtype=np.int8)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["rows"])], "embedding",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, [None])],
+        [onnx.helper.make_tensor_value_info("rows", onnx.TensorProto.INT8, [None, 1024])],
+        [onnx.numpy_helper.from_array(table, "table")])
+    write_onnx(onnx.helper.make_model(graph), tmp_path / "model.onnx", external_data=True)
+    assert (tmp_path / "model.onnx.data").read_bytes() == table.tobytes()
+    assert resident_after_sparse_reads(tmp_path / "model.onnx.data") <= SMALL_FOLIOS_KIB
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise") or not Path("/proc/self/smaps").is_file(),
+                    reason="reads /proc/self/smaps and evicts with posix_fadvise (Linux)")
+def test_the_runtime_reads_and_copies_weights_into_small_folios(tmp_path):
+    """Hashing a package's weights reads them without readahead, and a .tar.gz's are inflated in small writes, so
+    either way the page cache holds them in small folios and sparse reads through a mapping map little of them.
+    Fails with readahead (this VM's 8 MB window caches a sequential read in 2 MB folios) or in 1 MB writes."""
+    weights = tmp_path / "model.onnx.data"
+    data = written_at_once(weights)
+    with open(weights, "rb") as f:
+        assert _copy_hashing(f, None, len(data), str(weights)) == hashlib.sha256(data).hexdigest()
+    assert resident_after_sparse_reads(weights) <= SMALL_FOLIOS_KIB
+    inflated = tmp_path / "inflated.data"
+    with open(inflated, "xb") as copy:
+        _copy_hashing(io.BytesIO(data), copy, len(data), "archive")
+    assert inflated.read_bytes() == data
+    assert resident_after_sparse_reads(inflated) <= SMALL_FOLIOS_KIB
 
 
 def test_a_written_page_of_a_mapped_file_is_kept(tmp_path):

@@ -51,6 +51,13 @@ MANIFEST_MAX_BYTES = 1 << 20
 MAX_BYTES = {MANIFEST: MANIFEST_MAX_BYTES, MODEL: (1 << 31) - 1, WEIGHTS: 64 << 30, TOKENIZER: 64 << 20}
 OTHER_MAX_BYTES = 64 << 20  # the Hugging Face files a package carries for other tools (tokenizer_config.json, ...)
 CHUNK = 1 << 20
+# A page fault in a file mapping maps the whole page-cache folio the page lies in, and a token's embedding row is read
+# through onnxruntime's mapping of WEIGHTS: the larger the folios, the more of the table a generation holds. Linux
+# caches a file in folios as large as the writes that wrote it and, reading ahead, as large as the readahead window
+# (8 MB on some VMs): then a run's rows map most of the table (SmolLM2-135M int4: a peak RSS of 248 MB for 226; 100
+# random 4 KB reads of its weights map 86-105 MB of them, 11 MB in folios of at most 64 KiB). So the weights are
+# written this much at a time and hashed without readahead.
+WEIGHTS_WRITE_BYTES = 64 << 10
 ARCHIVE_MAX_BYTES = sum(MAX_BYTES.values())  # all members of an archive together, and the archive itself
 ARCHIVE_MAX_MEMBERS = 64
 LARGEST = 1 << 20  # the largest vocabulary, context or token count a manifest may give (real ones: 256 K at most)
@@ -137,7 +144,10 @@ def _check_hash(where: str, digest: str, entry: dict) -> None:
 
 
 def _copy_hashing(source: BinaryIO, target: BinaryIO | None, size: int, where: str) -> str:
-    """The sha256 of `source`'s `size` bytes, read a chunk at a time (and written to `target`, if any)."""
+    """The sha256 of `source`'s `size` bytes, read a chunk at a time (and written to `target`, if any), `source` a
+    package's own file read without readahead, `target` written in small pieces (WEIGHTS_WRITE_BYTES: why)."""
+    if target is None and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(source.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
     digest, left = hashlib.sha256(), size
     while left:
         chunk = source.read(min(CHUNK, left))
@@ -145,7 +155,9 @@ def _copy_hashing(source: BinaryIO, target: BinaryIO | None, size: int, where: s
             raise SPJError(f"{where}: changed while it was being read; refusing to load it")
         digest.update(chunk)
         if target is not None:
-            target.write(chunk)
+            piece = memoryview(chunk)
+            for start in range(0, len(chunk), WEIGHTS_WRITE_BYTES):
+                target.write(piece[start:start + WEIGHTS_WRITE_BYTES])
         left -= len(chunk)
     return digest.hexdigest()
 
